@@ -1,0 +1,329 @@
+"""Typed run configuration, named presets, and ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig` made of small sections. Presets are plain
+functions returning a RunConfig; ``--set section.key=value`` overrides any field (values are
+parsed to the field's type; unknown keys are rejected with the list of valid ones). The resolved
+config is written as ``config.json`` in every run folder so that a run can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "DiffusionConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "RunConfig",
+    "PRESETS",
+    "get_preset",
+    "apply_overrides",
+    "config_from_dict",
+]
+
+
+@dataclass
+class DataConfig:
+    """What to train on. ``corpus``: wiki-char, wiki-gpt2, text8, or hf:<dataset or local files>."""
+
+    corpus: str = "wiki-char"
+    path: str | None = None  # text8(.zip) file, or local files / dataset name for hf:
+    seq_len: int = 128
+    cache_dir: str | None = None  # default: $MASKDIFF_CACHE or ~/.cache/maskdiff
+
+
+@dataclass
+class ModelConfig:
+    """Denoiser size (vocabulary size and sequence length come from the data)."""
+
+    n_layers: int = 3
+    d_model: int = 128
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    time_conditioning: bool = False  # False: time-agnostic denoiser (exact sampler caching)
+    dropout: float = 0.0
+    causal: bool = False  # True only for the autoregressive baseline
+
+
+@dataclass
+class DiffusionConfig:
+    """Method and masking schedule (md4-math.md)."""
+
+    method: str = "md4"  # md4 | genmd4
+    schedule: str = "linear"  # linear | cosine | polynomial | geometric (md4 only)
+    exponent: float = 1.0  # polynomial schedule exponent
+    beta_min: float = 1e-5  # geometric schedule
+    beta_max: float = 20.0
+    eps: float = 1e-4  # clipping of α to [ε, 1 - ε]
+    init_exponent: float = 1.0  # GenMD4's initial per-token exponent
+    t1: float = 1e-3  # GenMD4's lower time limit
+    antithetic: bool = True  # stratified time sampling across the batch
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, global-norm clipping, EMA of weights."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 2000
+    decay: str = "cosine"  # cosine | constant
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.9999  # 0 disables the EMA (evaluation then uses the raw weights)
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. ``batch_size`` is global: per step, over all processes and accumulation."""
+
+    steps: int = 1_000_000
+    batch_size: int = 512
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    log_every: int = 50
+    eval_every: int = 5000
+    eval_batches: int = 20  # validation batches per periodic evaluation (0: whole split)
+    save_every: int = 5000
+    keep_checkpoints: int = 2
+    num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def validate(self) -> "RunConfig":
+        """Check cross-field constraints; raise ValueError naming the field and the fix."""
+        d, m, t, o = self.diffusion, self.model, self.train, self.optim
+        if d.method not in ("md4", "genmd4", "ar"):
+            raise ValueError(f"diffusion.method must be md4, genmd4 or ar, got {d.method!r}")
+        if d.method == "ar" and not m.causal:
+            raise ValueError("diffusion.method=ar needs model.causal=true")
+        if d.method != "ar" and m.causal:
+            raise ValueError("model.causal=true is only for diffusion.method=ar (masked diffusion needs bidirectional attention)")
+        if m.d_model % m.n_heads:
+            raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+        if t.batch_size % t.grad_accum:
+            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+        if t.steps < 1:
+            raise ValueError(f"train.steps must be positive, got {t.steps}")
+        if self.data.seq_len < 2:
+            raise ValueError(f"data.seq_len must be at least 2, got {self.data.seq_len}")
+        if o.decay not in ("cosine", "constant"):
+            raise ValueError(f"optim.decay must be cosine or constant, got {o.decay!r}")
+        if not 0 <= o.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
+        if t.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+        return self
+
+
+def _section_classes() -> dict[str, type]:
+    return {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def valid_keys() -> list[str]:
+    """Every overridable key, e.g. ``train.steps``."""
+    keys = ["name"]
+    for sec, cls in _section_classes().items():
+        keys += [f"{sec}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def _parse_value(raw: str, annotation: Any, key: str) -> Any:
+    hints = annotation
+    origin = typing.get_origin(hints)
+    args = typing.get_args(hints)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if raw.lower() in ("none", "null", ""):
+            return None
+        hints = next(a for a in args if a is not type(None))
+    try:
+        if hints is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hints is int:
+            try:
+                return int(raw)
+            except ValueError:
+                number = float(raw)  # accepts 1e5 and 100_000
+                if not number.is_integer():
+                    raise
+                return int(number)
+        if hints is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"{key}={raw!r}: expected a value of type {getattr(hints, '__name__', hints)}") from None
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings to a copy of ``config``."""
+    config = config_from_dict(config.to_dict())
+    classes = _section_classes()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key == "name":
+            config.name = raw
+            continue
+        sec, _, fname = key.partition(".")
+        cls = classes.get(sec)
+        field_map = {f.name: f for f in fields(cls)} if cls else {}
+        if fname not in field_map:
+            raise ValueError(f"unknown config key {key!r}; valid keys are: {', '.join(valid_keys())}")
+        hints = typing.get_type_hints(cls)
+        setattr(getattr(config, sec), fname, _parse_value(raw.strip(), hints[fname], key))
+    return config.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from :meth:`RunConfig.to_dict` output, rejecting unknown keys."""
+    classes = _section_classes()
+    unknown = set(data) - set(classes) - {"name"}
+    if unknown:
+        raise ValueError(f"unknown config sections {sorted(unknown)}; valid: name, {', '.join(classes)}")
+    kwargs: dict[str, Any] = {"name": data.get("name", "run")}
+    for sec, cls in classes.items():
+        values = dict(data.get(sec, {}))
+        names = {f.name for f in fields(cls)}
+        bad = set(values) - names
+        if bad:
+            raise ValueError(f"unknown keys in config section {sec!r}: {sorted(bad)}; valid: {sorted(names)}")
+        kwargs[sec] = cls(**values)
+    return RunConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def _demo() -> RunConfig:
+    """CPU, minutes: a small MD4 on character-level Wikipedia (see README, `make demo`)."""
+    return RunConfig(
+        name="demo",
+        data=DataConfig(corpus="wiki-char", seq_len=128),
+        model=ModelConfig(n_layers=3, d_model=128, n_heads=4, mlp_ratio=4.0),
+        diffusion=DiffusionConfig(method="md4", schedule="linear"),
+        optim=OptimConfig(lr=2e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995),
+        train=TrainConfig(steps=1000, batch_size=64, log_every=10, eval_every=250, eval_batches=10,
+                          save_every=250, num_threads=0),
+    )
+
+
+def _wiki_char_md4() -> RunConfig:
+    cfg = RunConfig(
+        name="wiki-char-md4",
+        data=DataConfig(corpus="wiki-char", seq_len=256),
+        model=ModelConfig(n_layers=6, d_model=384, n_heads=6),
+        diffusion=DiffusionConfig(method="md4", schedule="linear"),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1000, ema_decay=0.999),
+        train=TrainConfig(steps=50_000, batch_size=128, eval_every=2000, save_every=2000),
+    )
+    return cfg
+
+
+def _wiki_char_genmd4() -> RunConfig:
+    cfg = _wiki_char_md4()
+    cfg.name = "wiki-char-genmd4"
+    cfg.diffusion = DiffusionConfig(method="genmd4", init_exponent=1.0)
+    return cfg
+
+
+def _wiki_gpt2_md4() -> RunConfig:
+    return RunConfig(
+        name="wiki-gpt2-md4",
+        data=DataConfig(corpus="wiki-gpt2", seq_len=256),
+        model=ModelConfig(n_layers=6, d_model=384, n_heads=6),
+        diffusion=DiffusionConfig(method="md4", schedule="linear"),
+        optim=OptimConfig(lr=6e-4, warmup_steps=1000, ema_decay=0.999),
+        train=TrainConfig(steps=50_000, batch_size=128, eval_every=2000, save_every=2000),
+    )
+
+
+def _text8_md4() -> RunConfig:
+    """The paper's text8 settings: 256-char crops, 12×768×12 transformer, linear schedule,
+    1M steps at batch 512, AdamW 3e-4 with 2k warm-up and cosine decay, EMA 0.9999."""
+    return RunConfig(
+        name="text8-md4",
+        data=DataConfig(corpus="text8", path="text8.zip", seq_len=256),
+        model=ModelConfig(n_layers=12, d_model=768, n_heads=12),
+        diffusion=DiffusionConfig(method="md4", schedule="linear"),
+        optim=OptimConfig(lr=3e-4, warmup_steps=2000, decay="cosine", ema_decay=0.9999),
+        train=TrainConfig(steps=1_000_000, batch_size=512),
+    )
+
+
+def _text8_genmd4() -> RunConfig:
+    cfg = _text8_md4()
+    cfg.name = "text8-genmd4"
+    cfg.diffusion = DiffusionConfig(method="genmd4", init_exponent=1.0)
+    return cfg
+
+
+def _owt_md4_s() -> RunConfig:
+    """The paper's OpenWebText MD4-S: GPT-2 tokens, 1024-token blocks, 12×768×12, batch 512."""
+    return RunConfig(
+        name="owt-md4-s",
+        data=DataConfig(corpus="hf:openwebtext", seq_len=1024),
+        model=ModelConfig(n_layers=12, d_model=768, n_heads=12),
+        diffusion=DiffusionConfig(method="md4", schedule="linear"),
+        optim=OptimConfig(lr=3e-4, warmup_steps=2000, decay="cosine", ema_decay=0.9999),
+        train=TrainConfig(steps=1_000_000, batch_size=512, eval_every=10_000, save_every=10_000),
+    )
+
+
+def _owt_genmd4_s() -> RunConfig:
+    cfg = _owt_md4_s()
+    cfg.name = "owt-genmd4-s"
+    cfg.diffusion = DiffusionConfig(method="genmd4", init_exponent=1.0)
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "demo": _demo,
+    "wiki-char-md4": _wiki_char_md4,
+    "wiki-char-genmd4": _wiki_char_genmd4,
+    "wiki-gpt2-md4": _wiki_gpt2_md4,
+    "text8-md4": _text8_md4,
+    "text8-genmd4": _text8_genmd4,
+    "owt-md4-s": _owt_md4_s,
+    "owt-genmd4-s": _owt_genmd4_s,
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
