@@ -1,0 +1,141 @@
+"""The common corpus return type, :class:`TokenSplits`, and the split rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from maskdiff.data.tokenizers import Tokenizer
+
+__all__ = ["TokenSplits", "SPLIT_NAMES", "split_90_5_5", "split_by_fraction", "check_fractions"]
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+@dataclass
+class TokenSplits:
+    """A tokenised corpus cut into train / validation / test token streams.
+
+    Attributes:
+        name: corpus name, e.g. ``"wiki-char"``.
+        vocab_size: number of token ids (ids lie in ``[0, vocab_size)``; no mask id).
+        tokenizer: the tokenizer that produced the ids (``encode``/``decode``).
+        train, validation, test: 1-D integer token streams of shape ``(n_split,)``,
+            ``uint8`` (char corpora) or ``uint16`` (GPT-2), possibly read-only views of a
+            ``np.memmap``. Consecutive documents are separated by the tokenizer's
+            end-of-text id where the corpus has one.
+        metadata: build information (source, cache files, ``from_cache``, timings, ...).
+    """
+
+    name: str
+    vocab_size: int
+    tokenizer: Tokenizer
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split in SPLIT_NAMES:
+            arr = getattr(self, split)
+            if arr.ndim != 1 or arr.dtype.kind not in "ui":
+                raise ValueError(
+                    f"TokenSplits.{split} must be a 1-D integer array, got shape "
+                    f"{arr.shape} and dtype {arr.dtype}"
+                )
+
+    def split(self, name: str) -> np.ndarray:
+        """Token stream of split ``name`` (``"train"``, ``"validation"``/``"val"``, ``"test"``)."""
+        key = {"val": "validation", "valid": "validation"}.get(name, name)
+        if key not in SPLIT_NAMES:
+            raise KeyError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
+        return getattr(self, key)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of tokens in each split."""
+        return {s: int(getattr(self, s).shape[0]) for s in SPLIT_NAMES}
+
+    def summary(self) -> str:
+        """One line with the size of each split, e.g. for printing at start-up."""
+        sizes = self.sizes()
+        parts = " | ".join(f"{s} {n:,}" for s, n in sizes.items())
+        dtype = self.train.dtype
+        return (
+            f"{self.name} (vocab {self.vocab_size}, {dtype}): {parts} tokens "
+            f"(total {sum(sizes.values()):,})"
+        )
+
+
+def split_90_5_5(n: int) -> tuple[int, int]:
+    """Split points of the 90/5/5 rule for a stream of ``n`` tokens.
+
+    ``train = [0, n*9//10)``, ``validation = [n*9//10, n*9//10 + n//20)``, ``test`` = the
+    rest (so rounding leftovers go to test). Integer arithmetic only; for text8's
+    100,000,000 characters this is exactly the standard 90M / 5M / 5M split.
+
+    Returns:
+        ``(end_of_train, end_of_validation)``.
+    """
+    n_train = n * 9 // 10
+    n_val = n // 20
+    return n_train, n_train + n_val
+
+
+def split_by_fraction(
+    tokens: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    *,
+    boundary_token: int | None = None,
+    search_window: int = 1 << 20,
+) -> tuple[int, int]:
+    """Split points that put the last ``test_fraction`` / the ``val_fraction`` before it aside.
+
+    ``n_test = floor(n * test_fraction)``, ``n_val = floor(n * val_fraction)`` and the nominal
+    split points are ``n - n_test - n_val`` and ``n - n_test``. With ``boundary_token`` (the
+    end-of-text id) each nominal point moves forward to the next occurrence of that token,
+    so no document straddles two splits; the separator then starts the following split.
+    If no separator follows a nominal point the split point becomes ``n`` (empty later
+    split); only ``search_window``-sized blocks are read at a time, so this is cheap on a
+    memory map.
+
+    Returns:
+        ``(end_of_train, end_of_validation)``.
+    """
+    check_fractions(val_fraction, test_fraction)
+    n = int(tokens.shape[0])
+    n_test = int(n * test_fraction)
+    n_val = int(n * val_fraction)
+    a, b = n - n_test - n_val, n - n_test
+    if boundary_token is None:
+        return a, b
+    a = _next_token(tokens, a, boundary_token, search_window)
+    b = max(a, _next_token(tokens, b, boundary_token, search_window))
+    return a, b
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions are in ``[0, 1)`` and leave some training data."""
+    for what, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{what} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction}); "
+            "nothing would be left for training"
+        )
+
+
+def _next_token(tokens: np.ndarray, start: int, token: int, window: int) -> int:
+    """Index of the first ``token`` at or after ``start`` (``len(tokens)`` if none)."""
+    n = int(tokens.shape[0])
+    pos = start
+    while pos < n:
+        block = np.asarray(tokens[pos : pos + window])
+        hits = np.flatnonzero(block == token)
+        if hits.size:
+            return pos + int(hits[0])
+        pos += window
+    return n
