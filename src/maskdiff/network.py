@@ -1,0 +1,546 @@
+"""The denoiser network: a bidirectional transformer over the vocabulary plus a MASK symbol.
+
+The denoiser maps a partially masked sequence ``z`` (B, L) and, optionally, the diffusion time
+``t`` (B,) to logits (B, L, V) over the clean tokens at every position:
+
+* Token ids lie in ``[0, V]``; ``V = vocab_size`` is the MASK id. The embedding therefore has
+  ``V + 1`` rows, while the output head has ``V`` outputs (the mask is never predicted).
+* Positions are encoded with rotary embeddings (RoPE) on queries and keys, so any length
+  ``L <= seq_len`` works without padding.
+* Blocks are pre-norm (RMSNorm) with softmax attention (``F.scaled_dot_product_attention``,
+  bidirectional by default, causal for an autoregressive baseline) and a SwiGLU MLP.
+* With ``time_conditioning=True`` every block is modulated by adaLN-zero (DiT, Peebles & Xie
+  2023): a sinusoidal embedding of ``1000 t`` goes through an MLP to a vector ``c`` (B, cond_dim)
+  from which each block computes shift/scale/gate for its attention and MLP branches; the
+  modulation layers start at zero, so every block starts as the identity. The final norm is
+  modulated too. With ``time_conditioning=False`` the model has no time pathway and ignores ``t``.
+* The output head starts at zero, so the initial prediction is exactly uniform.
+
+Checkpoints use the Hugging Face Hub layout: ``config.json`` plus ``model.safetensors``
+(see :meth:`Transformer.save_pretrained` / :meth:`Transformer.from_pretrained`); nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "TransformerConfig",
+    "Transformer",
+    "MODEL_PRESETS",
+    "model_preset",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "maskdiff-transformer"
+FORMAT_VERSION = 1
+_INIT_STD = 0.02
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of :class:`Transformer`.
+
+    Attributes:
+        vocab_size: V, the number of real tokens. Id V is the MASK symbol.
+        seq_len: maximum sequence length; shorter inputs are fine.
+        n_layers, d_model, n_heads: depth, width and number of attention heads.
+        mlp_ratio: SwiGLU sizing: the hidden width is ``mlp_ratio * d_model * 2/3`` rounded up
+            to a multiple of 8 (``mlp_ratio=4`` matches a 4x GELU MLP in parameters).
+        mlp_hidden: explicit SwiGLU hidden width; overrides ``mlp_ratio`` when set.
+        time_conditioning: adaLN-zero conditioning on t. False gives a time-agnostic model that
+            ignores ``t`` (which makes caching the denoiser across sampling steps exact).
+        causal: causal attention (an autoregressive baseline) instead of bidirectional.
+        dropout: dropout on the embedding, attention probabilities and residual branches.
+        rope_base: rotary embedding base θ.
+        tie_embeddings: use the first V rows of the token embedding as the output head. The
+            head can then not start at zero; the final RMSNorm gain starts at zero instead, which
+            keeps the initial prediction uniform.
+        cond_dim: width of the time embedding ``c`` fed to the modulation layers.
+        time_embed_dim: number of sinusoidal features of ``1000 t`` (even).
+        norm_eps: RMSNorm epsilon.
+    """
+
+    vocab_size: int
+    seq_len: int
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp_hidden: int | None = None
+    time_conditioning: bool = True
+    causal: bool = False
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    tie_embeddings: bool = False
+    cond_dim: int = 128
+    time_embed_dim: int = 256
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layers", "d_model", "n_heads", "cond_dim", "time_embed_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("time_conditioning", "causal", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"rotary embeddings need an even head dimension, got d_model/n_heads = {self.head_dim}"
+            )
+        if self.time_embed_dim % 2:
+            raise ValueError(f"time_embed_dim must be even, got {self.time_embed_dim}")
+        if self.mlp_hidden is not None and (
+            isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1
+        ):
+            raise ValueError(f"mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not self.rope_base > 0:
+            raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``d_model // n_heads``."""
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden width: ``mlp_hidden`` or ``mlp_ratio * d_model * 2/3`` rounded up to 8."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 8 * math.ceil(self.mlp_ratio * self.d_model * 2 / 3 / 8)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
+        """Build a config from :meth:`to_dict` output; unknown or missing keys raise ValueError."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig key(s) {unknown}; valid keys are {sorted(fields)}")
+        required = [
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"TransformerConfig needs key(s) {missing}")
+        return cls(**data)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # For unit tests: a few thousand parameters.
+    "tiny": dict(
+        vocab_size=32, seq_len=32, n_layers=2, d_model=64, n_heads=4, cond_dim=32, time_embed_dim=32
+    ),
+    # Quick experiments and benchmarks with the GPT-2 vocabulary.
+    "small": dict(vocab_size=50257, seq_len=256, n_layers=6, d_model=384, n_heads=6),
+    # MD4 paper sizes (GPT-2 tokenizer, OpenWebText context of 1024).
+    "md4-s": dict(vocab_size=50257, seq_len=1024, n_layers=12, d_model=768, n_heads=12),
+    "md4-m": dict(vocab_size=50257, seq_len=1024, n_layers=24, d_model=1024, n_heads=16),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> TransformerConfig:
+    """The config of a named preset (``"tiny"``, ``"small"``, ``"md4-s"``, ``"md4-m"``).
+
+    Keyword arguments override preset fields, e.g. ``model_preset("md4-s", time_conditioning=False)``.
+    """
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return TransformerConfig.from_dict({**MODEL_PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rope_tables(length: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rotary cos/sin tables, each (length, head_dim // 2), always in float32.
+
+    They are recomputed per forward pass (a few thousand elements) rather than stored as
+    buffers, so casting the model to bf16 never rounds the angles.
+    """
+    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)  # (hd/2,)
+    inv_freq = base ** (-dims / head_dim)  # (hd/2,)
+    positions = torch.arange(length, device=device, dtype=torch.float32)  # (L,)
+    angles = torch.outer(positions, inv_freq)  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate feature pairs (i, i + hd/2) of ``x`` (B, H, L, hd) by position; computed in float32."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # 2 × (B, H, L, hd/2)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, L, hd)
+    return rotated.type_as(x)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with x (B, L, D) and shift/scale (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class TimeEmbedding(nn.Module):
+    """t (B,) in [0, 1] → sinusoidal features of ``1000 t`` (B, freq_dim) → MLP → (B, cond_dim)."""
+
+    def __init__(self, freq_dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        k = torch.arange(half, device=t.device, dtype=torch.float32)  # (half,)
+        freqs = torch.exp(-math.log(10000.0) * k / half)  # (half,) from 1 down to 1/10000
+        args = 1000.0 * t.float()[:, None] * freqs[None, :]  # (B, half)
+        features = torch.cat((args.cos(), args.sin()), dim=-1)  # (B, freq_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, cond_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE on queries and keys."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.causal = cfg.causal
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (B, L, D), cos/sin (L, hd/2) → (B, L, D)."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, L, D)
+        q = q.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, L, hd)
+        k = k.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, L, hd)
+        v = v.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, L, hd)
+        y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    """``proj(silu(x W_gate) * x W_up)`` with the gate and up projections fused in one matmul."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, D) → (B, L, D)."""
+        gate, up = self.fc(x).chunk(2, dim=-1)  # 2 × (B, L, hidden)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, adaLN-zero modulated when the model is time-conditioned."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        # c → (shift, scale, gate) for attention and for the MLP; zero-initialised.
+        self.modulation = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.time_conditioning else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor | None) -> Tensor:
+        """x (B, L, D), c (B, cond_dim) or None → (B, L, D)."""
+        if self.modulation is None:
+            x = x + self.drop(self.attn(self.norm1(x), cos, sin))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        mod = self.modulation(F.silu(c)).unsqueeze(1)  # (B, 1, 6D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 × (B, 1, D)
+        x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin))
+        return x + gate2 * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The denoiser
+
+
+class Transformer(nn.Module):
+    """Masked-diffusion denoiser: ``model(z (B, L), t (B,) | None) -> logits (B, L, V)``.
+
+    Logits come back in the compute dtype (bf16 under autocast); callers cast to float32.
+
+    Attributes:
+        config: the :class:`TransformerConfig`.
+        vocab_size: V. ``mask_id``: V, the MASK token id.
+        time_conditioning: whether the output depends on ``t`` (False: ``t`` is ignored, and a
+            sampler may reuse the output while ``z`` is unchanged).
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.mask_id = config.vocab_size
+        self.seq_len = config.seq_len
+        self.time_conditioning = config.time_conditioning
+        self.causal = config.causal
+
+        self.tok_emb = nn.Embedding(config.vocab_size + 1, config.d_model)  # V real tokens + MASK
+        self.drop = nn.Dropout(config.dropout)
+        self.time_embed = (
+            TimeEmbedding(config.time_embed_dim, config.cond_dim) if config.time_conditioning else None
+        )
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.final_modulation = (
+            nn.Linear(config.cond_dim, 2 * config.d_model) if config.time_conditioning else None
+        )  # c → (shift, scale) of the final norm; zero-initialised
+        self.head = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )  # zero-initialised
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layers), zeros where the
+        network should start as identity (modulations) or predict uniformly (head)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=_INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=_INIT_STD)
+        residual_std = _INIT_STD / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, std=residual_std)
+        zero_init = [block.modulation for block in self.blocks] + [self.final_modulation, self.head]
+        for module in zero_init:
+            if module is not None:
+                nn.init.zeros_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.head is None:
+            # Tied head = embedding rows, which must not be zero; zero the final gain instead.
+            nn.init.zeros_(self.norm_f.weight)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _check_tokens(self, z: Tensor) -> Tensor:
+        """Validate token ids (B, L); returns them as int64 unless already int32/int64."""
+        if not isinstance(z, Tensor) or z.dtype not in _INTEGER_DTYPES:
+            what = f"tensor of dtype {z.dtype}" if isinstance(z, Tensor) else type(z).__name__
+            raise TypeError(f"z must be an integer tensor of token ids, got {what}")
+        if z.dim() != 2 or z.shape[1] == 0:
+            raise ValueError(f"z must have shape (B, L) with L >= 1, got {tuple(z.shape)}")
+        if z.shape[1] > self.seq_len:
+            raise ValueError(f"sequence length {z.shape[1]} exceeds the model's seq_len {self.seq_len}")
+        # One host sync per call; skipped while torch.compile traces (data-dependent branch).
+        if not torch.compiler.is_compiling() and z.numel() and bool(((z < 0) | (z > self.mask_id)).any()):
+            raise ValueError(
+                f"token ids must lie in [0, {self.mask_id}] (vocab_size={self.vocab_size}, mask id "
+                f"{self.mask_id}), got range [{int(z.min())}, {int(z.max())}]"
+            )
+        return z if z.dtype in (torch.int32, torch.int64) else z.long()  # nn.Embedding's index types
+
+    def _check_time(self, t: Tensor | float | None, batch: int, device: torch.device) -> Tensor:
+        if t is None:
+            raise ValueError(
+                "this model is time-conditioned (config.time_conditioning=True): pass t of shape (B,)"
+            )
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"t must have shape (B,) = ({batch},) or be a scalar, got {tuple(t.shape)}")
+        return t
+
+    def forward(self, z: Tensor, t: Tensor | float | None = None) -> Tensor:
+        """Logits over the clean tokens.
+
+        Args:
+            z: (B, L) token ids in [0, V], V = MASK; 1 <= L <= seq_len.
+            t: (B,) diffusion times in [0, 1] (a scalar is broadcast). Required when the model is
+                time-conditioned, ignored otherwise.
+
+        Returns:
+            (B, L, V) logits in the compute dtype.
+        """
+        z = self._check_tokens(z)
+        B, L = z.shape
+        c = None
+        if self.time_embed is not None:
+            c = self.time_embed(self._check_time(t, B, z.device))  # (B, cond_dim)
+        cos, sin = rope_tables(L, self.config.head_dim, self.config.rope_base, z.device)  # 2 × (L, hd/2)
+        x = self.drop(self.tok_emb(z))  # (B, L, D)
+        for block in self.blocks:
+            x = block(x, cos, sin, c)  # (B, L, D)
+        x = self.norm_f(x)  # (B, L, D)
+        if self.final_modulation is not None:
+            shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # 2 × (B, 1, D)
+            x = modulate(x, shift, scale)
+        if self.head is None:
+            return F.linear(x, self.tok_emb.weight[: self.vocab_size])  # (B, L, V)
+        return self.head(x)  # (B, L, V)
+
+    # -- accounting ------------------------------------------------------------------------------
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters; ``non_embedding`` leaves out the token embedding and output head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.head is not None:
+                n -= self.head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.
+
+        ``6 N + 6 d_model V + 12 n_layers d_model seq_len`` (Kaplan et al. 2020; PaLM appendix B):
+        N is the non-embedding parameter count less the time-conditioning parameters (time MLP
+        and modulation layers run once per sequence, not per token), ``6 d_model V`` is the
+        output head and the last term the attention scores and weighted sum (bidirectional; a
+        causal model does about half that work but is counted the same, as is customary).
+        """
+        cfg = self.config
+        seq_len = cfg.seq_len if seq_len is None else seq_len
+        per_sequence = sum(
+            p.numel()
+            for module in [self.time_embed, self.final_modulation, *(b.modulation for b in self.blocks)]
+            if module is not None
+            for p in module.parameters()
+        )
+        n = self.num_parameters(non_embedding=True) - per_sequence
+        return 6.0 * n + 6.0 * cfg.d_model * cfg.vocab_size + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+        Each file is written to a temporary file in the same directory and moved into place with
+        ``os.replace``, so readers never see a half-written file. Tied embeddings are not a
+        problem: the tied head reads the embedding matrix and stores nothing of its own; any
+        other tensors sharing storage are cloned, as safetensors requires. Returns the directory.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        seen_storage: set[int] = set()
+        for name, tensor in self.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in seen_storage:
+                tensor = tensor.clone()
+            seen_storage.add(storage)
+            tensors[name] = tensor
+        config = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.config.to_dict()}
+        config_text = json.dumps(config, indent=2) + "\n"
+        metadata = {"format": "pt"}  # what Hugging Face tooling expects of PyTorch safetensors files
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> Transformer:
+        """Rebuild a model from a :meth:`save_pretrained` folder (JSON + safetensors only).
+
+        The weights keep their stored dtype and are placed on ``map_location``. The model is
+        returned in eval mode. Raises FileNotFoundError when a file is missing and ValueError
+        when the config is malformed or does not match the stored tensors.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        missing_files = [p.name for p in (config_path, weights_path) if not p.is_file()]
+        if missing_files:
+            raise FileNotFoundError(
+                f"{str(directory)!r} lacks {missing_files}; a save_pretrained folder holds {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME} (found: {sorted(os.listdir(directory))})"
+            )
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
+        model_type = raw.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"{config_path} is for model_type {model_type!r}, expected {MODEL_TYPE!r}")
+        version = raw.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{config_path} has format_version {version}; this code reads {FORMAT_VERSION}")
+        config = TransformerConfig.from_dict(raw)
+
+        state = load_file(weights_path, device=str(torch.device(map_location)))
+        with torch.device("meta"):
+            model = cls(config)  # shapes only; every tensor is replaced by the stored one below
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        problems = [f"missing {name}" for name in expected if name not in state]
+        problems += [f"unexpected {name}" for name in state if name not in expected]
+        problems += [
+            f"{name}: stored {tuple(state[name].shape)}, config implies {shape}"
+            for name, shape in expected.items()
+            if name in state and tuple(state[name].shape) != shape
+        ]
+        if problems:
+            shown = "; ".join(problems[:10])
+            if len(problems) > 10:
+                shown += f"; ... ({len(problems) - 10} more)"
+            raise ValueError(f"{weights_path} does not match {config_path}: {shown}")
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
