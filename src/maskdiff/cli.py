@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train, evaluate and sample the CPU demo (what `make demo` runs)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c = sub.add_parser("compare", help="unigram, AR, MD4 and GenMD4 at one budget on the same data, as a table")
+    c.add_argument("--preset", default="demo", help="data, network size, batch and optimiser shared by all methods")
+    c.add_argument("--methods", default="ar,md4,genmd4", help="comma-separated: ar, md4, genmd4")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--draws", type=int, default=1, help="time draws per test sequence")
+    c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N test chunks")
     sub.add_parser("presets", help="list the training presets")
     return parser
 
@@ -319,6 +326,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from maskdiff.compare import compare_methods, format_table
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    summary = compare_methods(args.preset, methods=methods, overrides=args.overrides, out_dir=args.out,
+                              eval_draws=args.draws, max_chunks=args.max_chunks)
+    print(format_table(summary))
+    return 0
+
+
 def cmd_presets(_: argparse.Namespace) -> int:
     from maskdiff.config import PRESETS, get_preset
 
@@ -331,7 +348,8 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "presets": cmd_presets}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "presets": cmd_presets,
+                "compare": cmd_compare}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
