@@ -38,7 +38,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="discrete-time ELBO with T steps (default: continuous time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks")
+    p.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks (images: N images)")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
 
@@ -63,8 +63,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gap-length", type=int, default=16, help="tokens per gap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="call the network at every step")
-    p.add_argument("--out", default=None, help="write JSONL (text + settings) here instead of printing")
+    p.add_argument("--out", default=None,
+                   help="text runs: write JSONL (text + settings) here instead of printing; "
+                        "image runs: the PNG grid to write (default RUN_DIR/samples-<seed>.png)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--label", type=int, default=None, help="image runs: class of every sample")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="image runs: a class grid with this many samples per class (one row per class)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (image runs)")
+    p.add_argument("--strip", action="store_true", help="image runs: also write a strip of the unmasking over time")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draws", type=int, default=1, help="time draws per test sequence")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N test chunks")
     sub.add_parser("presets", help="list the training presets")
+    from maskdiff import zeroshot
+
+    zeroshot.register_cli(sub)
     return parser
 
 
@@ -132,27 +142,39 @@ def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = No
              weights: str = "ema", progress: bool = True) -> dict[str, Any]:
     """Evaluate a run on a split and write ``RUN_DIR/eval-<split>.json``."""
     from maskdiff.checkpoint import load, write_json_atomic
-    from maskdiff.data import load_corpus, unigram_entropy_bits
-    from maskdiff.evaluate import evaluate_nelbo
+    from maskdiff.data import ImageSplits, unigram_entropy_bits
+    from maskdiff.evaluate import evaluate_images, evaluate_nelbo
+    from maskdiff.trainer import load_data
 
     dev = _device(device)
     run = load(run_dir, weights=weights, device=dev)
     cfg = run.config
-    data = load_corpus(cfg.data.corpus, path=cfg.data.path, cache_dir=cfg.data.cache_dir)
-    tokens = data.split(split)
+    data = load_data(cfg)
     autocast = None
     if dev.startswith("cuda"):
         import torch
 
         autocast = torch.bfloat16
     t0 = time.perf_counter()
-    result = evaluate_nelbo(run.model, tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
-                            num_time_draws=draws, num_steps=steps, seed=seed, max_chunks=max_chunks,
-                            device=dev, autocast_dtype=autocast, progress=progress)
+    if isinstance(data, ImageSplits):
+        from maskdiff.images import histogram_bits_per_dim
+
+        images = data.split(split)
+        labels = data.labels(split) if run.model.network.num_classes else None
+        result = evaluate_images(run.model, images, labels, batch_size=batch_size, max_images=max_chunks,
+                                 num_time_draws=draws, num_steps=steps, seed=seed, device=dev,
+                                 autocast_dtype=autocast, progress=progress)
+        hist = histogram_bits_per_dim(data.train, images[: result["n_sequences"]], data.vocab_size)
+        baseline = {"unigram_bits_per_token": hist["global"], "histogram_bits_per_dim": hist["per_dim"]}
+    else:
+        tokens = data.split(split)
+        result = evaluate_nelbo(run.model, tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
+                                num_time_draws=draws, num_steps=steps, seed=seed, max_chunks=max_chunks,
+                                device=dev, autocast_dtype=autocast, progress=progress)
+        baseline = {"unigram_bits_per_token": unigram_entropy_bits(data.train, tokens, data.vocab_size)}
     result.update(
         split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
-        corpus=cfg.data.corpus, seconds=time.perf_counter() - t0,
-        unigram_bits_per_token=unigram_entropy_bits(data.train, tokens, data.vocab_size),
+        corpus=cfg.data.corpus, seconds=time.perf_counter() - t0, **baseline,
     )
     suffix = f"-T{steps}" if steps else ""
     write_json_atomic(Path(run_dir) / f"eval-{split}{suffix}.json", result)
@@ -162,6 +184,14 @@ def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = No
 def format_eval_table(result: dict[str, Any]) -> str:
     lo, hi = result["ci95"]
     kind = f"discrete T={result['num_steps']}" if result.get("num_steps") else "continuous time"
+    if "histogram_bits_per_dim" in result:
+        return "\n".join([
+            "| run | split | ELBO | bits/dim | ± stderr | 95% CI | per-pixel histogram | global histogram | images |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {result['run']} (step {result['step']}, {result['weights']}) | {result['split']} | {kind} "
+            f"| {result['bits_per_token']:.4f} | {result['stderr']:.4f} | [{lo:.4f}, {hi:.4f}] "
+            f"| {result['histogram_bits_per_dim']:.4f} | {result['unigram_bits_per_token']:.4f} | {result['n_sequences']} |",
+        ])
     rows = [
         "| run | split | method | ELBO | bits/token | ± stderr | 95% CI | perplexity | unigram bits/token | sequences |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -193,6 +223,8 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
 
     dev = _device(device)
     run = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir, device=dev)
+    if run.model.network.config.image_shape is not None:
+        raise SystemExit("error: this is an image run; `maskdiff sample` writes image grids for it")
     model, cfg, tok = run.model, run.config, run.tokenizer
     if cfg.diffusion.method == "ar":
         raise SystemExit("error: this run is the autoregressive baseline; `maskdiff sample` draws from diffusion runs")
@@ -235,7 +267,73 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
     return texts, settings
 
 
+def generate_images(run: Any, *, num: int = 16, steps: int = 256, grid: str = "cosine", labels: Any = None,
+                    guidance: float = 0.0, seed: int = 0, precision: str = "float64", temperature: float = 1.0,
+                    top_p: float | None = None, record_every: int | None = None, device: str = "cpu",
+                    progress: bool = True) -> tuple[Any, Any]:
+    """Sample images (num, H·W·C) from a loaded image run; returns (tokens, SampleInfo)."""
+    import torch
+
+    from maskdiff.sampling import sample
+
+    model = run.model
+    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device)
+    denoiser = model.guided_denoiser(y, guidance) if y is not None else model.denoiser
+    time_agnostic = not model.time_conditioning
+    return sample(
+        denoiser, model.schedule, batch_size=num, length=model.network.seq_len, vocab_size=model.vocab_size,
+        num_steps=steps, grid=grid, generator=torch.Generator(device=device).manual_seed(seed),
+        temperature=temperature, top_p=top_p, precision=precision, cache=time_agnostic, time_agnostic=time_agnostic,
+        device=device, progress=progress, return_info=True, record_every=record_every,
+    )
+
+
+def _sample_image_run(args: argparse.Namespace, run: Any, dev: str) -> int:
+    import torch
+
+    from maskdiff.images import class_grid, save_grid, unmasking_strip
+
+    net = run.model.network
+    shape = tuple(net.config.image_shape)
+    out = Path(args.out) if args.out else run.path / f"samples-{args.seed}.png"
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; choose another --out (files are never overwritten)")
+    labels = None
+    if args.per_class:
+        if net.num_classes == 0:
+            raise SystemExit("error: --per-class needs a class-conditional run (model.class_conditional=true)")
+        labels = torch.arange(net.num_classes).repeat_interleave(args.per_class)
+    elif args.label is not None:
+        labels = torch.full((args.num,), args.label)
+    num = len(labels) if labels is not None else args.num
+    record = max(1, args.steps // 8) if args.strip else None
+    with torch.no_grad():
+        tokens, info = generate_images(run, num=num, steps=args.steps, grid=args.grid, labels=labels,
+                                       guidance=args.guidance, seed=args.seed, precision=args.precision,
+                                       temperature=args.temperature, top_p=args.top_p, record_every=record,
+                                       device=dev)
+    tokens = tokens.cpu()
+    if args.per_class:
+        class_grid(tokens, labels, shape, per_class=args.per_class, num_classes=net.num_classes, path=out,
+                   vocab_size=run.model.vocab_size, scale=2)
+    else:
+        save_grid(tokens, shape, out, vocab_size=run.model.vocab_size, scale=2)
+    print(f"wrote {num} samples to {out}", file=sys.stderr)
+    if args.strip:
+        strip = out.with_name(out.stem + "-strip.png")
+        unmasking_strip(info.trajectory[:, :4].cpu(), shape, strip, final=tokens[:4], vocab_size=run.model.vocab_size)
+        print(f"wrote the unmasking strip to {strip}", file=sys.stderr)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    from maskdiff.checkpoint import load
+
+    dev = _device(args.device)
+    run = load(args.run_dir, device=dev)
+    if run.model.network.config.image_shape is not None:
+        return _sample_image_run(args, run, dev)
+    args.run_dir = run
     with _torch_no_grad():
         texts, settings = generate_text(
             args.run_dir, num=args.num, length=args.length, steps=args.steps, grid=args.grid, sampler=args.sampler,
@@ -346,10 +444,21 @@ def cmd_presets(_: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Any:
+    """A handler imported only when its subcommand runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "presets": cmd_presets,
-                "compare": cmd_compare}
+                "compare": cmd_compare, "zeroshot": _lazy("maskdiff.zeroshot", "cmd_zeroshot")}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

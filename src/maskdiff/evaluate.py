@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from maskdiff.data import eval_chunks, num_eval_chunks
 from maskdiff.metrics import LN2, MeanEstimate
 
-__all__ = ["evaluate_nelbo"]
+__all__ = ["evaluate_nelbo", "evaluate_images", "evaluate_batches"]
 
 
 @torch.no_grad()
@@ -52,40 +52,86 @@ def evaluate_nelbo(
     Deterministic given ``seed``. With ``world_size > 1`` (an initialised process group), rank r
     evaluates batches r, r + world, ... and the sums are all-reduced.
     """
-    if num_time_draws < 1:
-        raise ValueError(f"num_time_draws must be at least 1, got {num_time_draws}")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
     n_total = num_eval_chunks(tokens, seq_len)
     if max_chunks is not None:
         n_total = min(n_total, max_chunks)
     if n_total == 0:
         raise ValueError(f"the split holds {len(tokens)} tokens, fewer than one chunk of seq_len={seq_len}")
+    batches = ((x, None) for x in eval_chunks(tokens, seq_len, batch_size, max_chunks=n_total))
+    return evaluate_batches(model, batches, seq_len=seq_len, num_batches=math.ceil(n_total / batch_size),
+                            num_time_draws=num_time_draws, num_steps=num_steps, seed=seed, device=device,
+                            autocast_dtype=autocast_dtype, progress=progress, rank=rank, world_size=world_size)
+
+
+@torch.no_grad()
+def evaluate_images(
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    batch_size: int = 64,
+    max_images: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Negative ELBO on an image split (N, H*W*C); ``bits_per_token`` is then bits per dimension.
+
+    ``labels`` are passed to a class-conditional model (None for an unconditional one).
+    """
+    from maskdiff.data.images import eval_image_batches
+
+    n = len(images) if max_images is None else min(len(images), max_images)
+    if n == 0:
+        raise ValueError("the image split is empty")
+    batches = eval_image_batches(images, labels, batch_size, max_images=n)
+    return evaluate_batches(model, batches, seq_len=int(images.shape[1]), num_batches=math.ceil(n / batch_size),
+                            **kwargs)
+
+
+def evaluate_batches(
+    model: Any,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    seq_len: int,
+    num_batches: int | None = None,
+    num_time_draws: int = 1,
+    num_steps: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """The loop behind :func:`evaluate_nelbo` and :func:`evaluate_images`: batches of (x, labels)."""
+    if num_time_draws < 1:
+        raise ValueError(f"num_time_draws must be at least 1, got {num_time_draws}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
     generator = torch.Generator(device=device)
     per_chunk: list[torch.Tensor] = []  # mean over draws, (b,)
     within_var: list[torch.Tensor] = []  # variance over draws / K, (b,)
     terms_sum: dict[str, float] = {}
-    batches = eval_chunks(tokens, seq_len, batch_size, max_chunks=n_total)
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=math.ceil(n_total / batch_size), desc="evaluate", unit="batch")
+        bar = tqdm(total=num_batches, desc="evaluate", unit="batch")
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
-    for index, x in enumerate(batches):
+    for index, (x, labels) in enumerate(batches):
         if bar is not None:
             bar.update(1)
         if index % world_size != rank:
             continue
         generator.manual_seed(seed * 1_000_003 + index)  # each batch's draws independent of the split order
         x = x.to(device)
+        extra = {} if labels is None else {"labels": labels.to(device)}
         draws = []
         for _ in range(num_time_draws):
             with autocast:
-                terms = model(x, generator=generator, num_steps=num_steps)
+                terms = model(x, generator=generator, num_steps=num_steps, **extra)
             draws.append(terms["nelbo"].double())
             for key in ("diffusion", "reconstruction", "prior"):
                 terms_sum[key] = terms_sum.get(key, 0.0) + float(terms[key].double().sum()) / num_time_draws

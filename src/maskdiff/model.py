@@ -44,6 +44,7 @@ class MaskedDiffusion(nn.Module):
         *,
         t1: float = 1e-3,
         antithetic: bool = True,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -57,6 +58,9 @@ class MaskedDiffusion(nn.Module):
         self.t1 = t1
         self.antithetic = antithetic
         self.vocab_size = network.vocab_size
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        self.label_dropout = label_dropout
         # A learnable (nn.Module) schedule is registered as a submodule and trains with the network.
         self.schedule = schedule
 
@@ -68,26 +72,77 @@ class MaskedDiffusion(nn.Module):
         """The network as a denoiser callable (logits in float32)."""
         return self.network(z, t).float()
 
+    def _conditioned(self, labels: Tensor | None, generator: torch.Generator | None) -> Any:
+        """The network as a denoiser, with class labels bound (dropped to "no label" with
+        probability ``label_dropout`` while training, for classifier-free guidance)."""
+        if labels is None:
+            return self.network
+        if self.training and self.label_dropout > 0:
+            device = generator.device if generator is not None else labels.device
+            u = torch.rand(labels.shape, generator=generator, device=device).to(labels.device)
+            labels = torch.where(u < self.label_dropout, torch.full_like(labels, self.network.null_label), labels)
+
+        def denoiser(z: Tensor, t: Tensor) -> Tensor:
+            repeat = z.shape[0] // labels.shape[0]  # GenMD4 evaluates two masked copies per sequence
+            return self.network(z, t, labels=labels.repeat(repeat) if repeat > 1 else labels)
+
+        return denoiser
+
     def forward(
-        self, x: Tensor, generator: torch.Generator | None = None, num_steps: int | None = None
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+        labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Loss terms for clean tokens x (B, L): per-sequence nats plus the scalar ``loss``."""
+        """Loss terms for clean tokens x (B, L): per-sequence nats plus the scalar ``loss``.
+
+        ``labels`` (B,) condition a class-conditional network.
+        """
         length = x.shape[1]
+        network = self._conditioned(labels, generator)
         if self.method == "ar":
+            if labels is not None:
+                raise ValueError("the autoregressive baseline takes no labels")
             terms = self._autoregressive_terms(x)
             terms["loss"] = terms["nelbo"].mean() / length
             return terms
         if self.method == "genmd4":
             if num_steps is not None:
                 raise ValueError("GenMD4 has a continuous-time objective only; leave num_steps unset")
-            terms = genmd4_losses(self.network, x, self.schedule, generator=generator, t1=self.t1,
+            terms = genmd4_losses(network, x, self.schedule, generator=generator, t1=self.t1,
                                   antithetic=self.antithetic)
             terms["loss"] = terms["surrogate"].mean() / length
             return terms
-        terms = md4_loss_terms(self.network, x, self.schedule, num_steps=num_steps, generator=generator,
+        terms = md4_loss_terms(network, x, self.schedule, num_steps=num_steps, generator=generator,
                                antithetic=self.antithetic, vocab_size=self.vocab_size)
         terms["loss"] = terms["nelbo"].mean() / length
         return terms
+
+    def guided_denoiser(self, labels: Tensor | None, guidance: float = 0.0) -> Any:
+        """A sampling denoiser for a class-conditional network, with classifier-free guidance.
+
+        Logits ``(1 + w) · ℓ(z, t, y) - w · ℓ(z, t, ∅)`` for guidance weight ``w`` (0: plain
+        conditional; labels None: unconditional). Returns float32 logits (B, L, V).
+        """
+        net = self.network
+        if labels is None:
+            return self.denoiser
+        if net.num_classes == 0:
+            raise ValueError("this model is not class-conditional; sample without labels")
+
+        def denoiser(z: Tensor, t: Tensor) -> Tensor:
+            y = labels.to(z.device)
+            if y.shape[0] != z.shape[0]:  # the sampler may evaluate a subset of rows
+                raise ValueError("guided sampling needs cache_scope='batch' (labels are per batch row)")
+            cond = net(z, t, labels=y).float()
+            if guidance == 0.0:
+                return cond
+            uncond = net(z, t, labels=torch.full_like(y, net.null_label)).float()
+            return (1.0 + guidance) * cond - guidance * uncond
+
+        denoiser.time_conditioning = net.time_conditioning  # type: ignore[attr-defined]
+        return denoiser
 
     def _autoregressive_terms(self, x: Tensor) -> dict[str, Tensor]:
         """Next-token NLL: the input is x shifted right by one with the mask id as BOS."""
@@ -119,9 +174,21 @@ def build_schedule(diffusion: Any, vocab_size: int) -> Schedule:
     return get_schedule(name, **params)
 
 
-def build_model(config: Any, vocab_size: int) -> MaskedDiffusion:
-    """Build the MaskedDiffusion of a :class:`maskdiff.config.RunConfig` for a vocabulary of V."""
+def build_model(
+    config: Any,
+    vocab_size: int,
+    *,
+    image_shape: tuple[int, int, int] | None = None,
+    num_classes: int = 0,
+) -> MaskedDiffusion:
+    """Build the MaskedDiffusion of a :class:`maskdiff.config.RunConfig` for a vocabulary of V.
+
+    ``image_shape`` (H, W, C) adds row/column/channel embeddings for pixel data; ``num_classes``
+    is used when ``model.class_conditional`` is set.
+    """
     m, d = config.model, config.diffusion
+    if m.class_conditional and num_classes < 1:
+        raise ValueError("model.class_conditional=true needs a labelled data set (this one has no labels)")
     net_cfg = TransformerConfig(
         vocab_size=vocab_size,
         seq_len=config.data.seq_len,
@@ -132,6 +199,8 @@ def build_model(config: Any, vocab_size: int) -> MaskedDiffusion:
         time_conditioning=m.time_conditioning,
         causal=m.causal,
         dropout=m.dropout,
+        num_classes=num_classes if m.class_conditional else 0,
+        image_shape=image_shape,
     )
     return MaskedDiffusion(Transformer(net_cfg), build_schedule(d, vocab_size), d.method, t1=d.t1,
-                           antithetic=d.antithetic)
+                           antithetic=d.antithetic, label_dropout=m.label_dropout if m.class_conditional else 0.0)

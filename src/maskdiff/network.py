@@ -80,6 +80,11 @@ class TransformerConfig:
             head can then not start at zero; the final RMSNorm gain starts at zero instead, which
             keeps the initial prediction uniform.
         cond_dim: width of the time embedding ``c`` fed to the modulation layers.
+        num_classes: > 0 adds a label embedding (num_classes + 1 rows; the last is the "no
+            label" id used for classifier-free guidance) added to every position's input.
+        image_shape: (H, W, C) for pixel data flattened in raster order (row, column, channel):
+            adds learned row, column and channel embeddings to the input, next to the rotary
+            positions of the flat sequence (which only know 1-D distance).
         time_embed_dim: number of sinusoidal features of ``1000 t`` (even).
         norm_eps: RMSNorm epsilon.
     """
@@ -99,6 +104,8 @@ class TransformerConfig:
     cond_dim: int = 128
     time_embed_dim: int = 256
     norm_eps: float = 1e-6
+    num_classes: int = 0
+    image_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layers", "d_model", "n_heads", "cond_dim", "time_embed_dim"):
@@ -128,6 +135,16 @@ class TransformerConfig:
             raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        if self.image_shape is not None:
+            shape = tuple(int(v) for v in self.image_shape)
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {self.image_shape!r}")
+            if shape[0] * shape[1] * shape[2] != self.seq_len:
+                raise ValueError(f"image_shape {shape} holds {shape[0] * shape[1] * shape[2]} values but seq_len is "
+                                 f"{self.seq_len}; set seq_len = H * W * C")
+            self.image_shape = shape
 
     @property
     def head_dim(self) -> int:
@@ -322,6 +339,16 @@ class Transformer(nn.Module):
         self.causal = config.causal
 
         self.tok_emb = nn.Embedding(config.vocab_size + 1, config.d_model)  # V real tokens + MASK
+        self.num_classes = config.num_classes
+        self.null_label = config.num_classes  # the "no label" id (classifier-free guidance)
+        self.label_emb = nn.Embedding(config.num_classes + 1, config.d_model) if config.num_classes else None
+        if config.image_shape is not None:
+            h, w, ch = config.image_shape
+            self.row_emb = nn.Embedding(h, config.d_model)
+            self.col_emb = nn.Embedding(w, config.d_model)
+            self.channel_emb = nn.Embedding(ch, config.d_model)
+        else:
+            self.row_emb = self.col_emb = self.channel_emb = None
         self.drop = nn.Dropout(config.dropout)
         self.time_embed = (
             TimeEmbedding(config.time_embed_dim, config.cond_dim) if config.time_conditioning else None
@@ -391,13 +418,38 @@ class Transformer(nn.Module):
             raise ValueError(f"t must have shape (B,) = ({batch},) or be a scalar, got {tuple(t.shape)}")
         return t
 
-    def forward(self, z: Tensor, t: Tensor | float | None = None) -> Tensor:
+    def _image_positions(self, L: int, device: torch.device) -> Tensor:
+        """Row + column + channel embeddings of the first L raster positions, (L, D)."""
+        h, w, ch = self.config.image_shape  # type: ignore[misc]
+        idx = torch.arange(L, device=device)
+        return (self.row_emb(idx // (w * ch)) + self.col_emb((idx // ch) % w)  # type: ignore[misc]
+                + self.channel_emb(idx % ch))  # type: ignore[misc]
+
+    def _label_embedding(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if self.label_emb is None:
+            if labels is not None:
+                raise ValueError("labels given, but this model has no class conditioning (config.num_classes=0)")
+            return None
+        if labels is None:
+            labels = torch.full((batch,), self.null_label, device=device, dtype=torch.long)
+        labels = torch.as_tensor(labels, device=device).long()
+        if tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
+        if not torch.compiler.is_compiling() and labels.numel() and (
+            int(labels.min()) < 0 or int(labels.max()) > self.null_label
+        ):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label)")
+        return self.label_emb(labels)[:, None, :]  # (B, 1, D)
+
+    def forward(self, z: Tensor, t: Tensor | float | None = None, labels: Tensor | None = None) -> Tensor:
         """Logits over the clean tokens.
 
         Args:
             z: (B, L) token ids in [0, V], V = MASK; 1 <= L <= seq_len.
             t: (B,) diffusion times in [0, 1] (a scalar is broadcast). Required when the model is
                 time-conditioned, ignored otherwise.
+            labels: (B,) class ids for a class-conditional model (``num_classes`` = no label;
+                None means no label for every sequence).
 
         Returns:
             (B, L, V) logits in the compute dtype.
@@ -408,7 +460,13 @@ class Transformer(nn.Module):
         if self.time_embed is not None:
             c = self.time_embed(self._check_time(t, B, z.device))  # (B, cond_dim)
         cos, sin = rope_tables(L, self.config.head_dim, self.config.rope_base, z.device)  # 2 × (L, hd/2)
-        x = self.drop(self.tok_emb(z))  # (B, L, D)
+        x = self.tok_emb(z)  # (B, L, D)
+        if self.row_emb is not None:
+            x = x + self._image_positions(L, z.device)  # (L, D) broadcast over B
+        label = self._label_embedding(labels, B, z.device)
+        if label is not None:
+            x = x + label  # (B, 1, D) broadcast over L
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin, c)  # (B, L, D)
         x = self.norm_f(x)  # (B, L, D)

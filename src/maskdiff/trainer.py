@@ -38,9 +38,10 @@ from maskdiff.checkpoint import (
     write_json_atomic,
 )
 from maskdiff.config import RunConfig
-from maskdiff.data import TokenSplits, load_corpus, random_crops, shard
+from maskdiff.data import IMAGE_DATASETS, ImageSplits, TokenSplits, load_corpus, load_images, random_crops, shard
+from maskdiff.data.images import random_images, shard_images
 from maskdiff.ema import EMA
-from maskdiff.evaluate import evaluate_nelbo
+from maskdiff.evaluate import evaluate_images, evaluate_nelbo
 from maskdiff.metrics import LN2
 from maskdiff.model import MaskedDiffusion, build_model
 
@@ -74,7 +75,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_data(config: RunConfig) -> TokenSplits:
+def load_data(config: RunConfig) -> TokenSplits | ImageSplits:
+    """The run's data: a text corpus (token streams) or an image set (fixed-size rows)."""
+    if config.data.corpus.lower() in IMAGE_DATASETS:
+        data = load_images(config.data.corpus, path=config.data.path)
+        if config.data.seq_len != data.seq_len:
+            raise ValueError(
+                f"{config.data.corpus} images have {data.seq_len} values (H·W·C = {data.shape}); "
+                f"set data.seq_len={data.seq_len}"
+            )
+        return data
     return load_corpus(config.data.corpus, path=config.data.path, cache_dir=config.data.cache_dir)
 
 
@@ -116,7 +126,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
-        data: TokenSplits | None = None,
+        data: TokenSplits | ImageSplits | None = None,
     ) -> None:
         self.config = config.validate()
         cfg = self.config
@@ -141,10 +151,18 @@ class Trainer:
             )
         self.micro_batch = cfg.train.batch_size // self.n_streams
         self.my_streams = [self.dist.rank * cfg.train.grad_accum + a for a in range(cfg.train.grad_accum)]
-        self.shards = {k: shard(self.data.train, k, self.n_streams) for k in self.my_streams}
-        for k, s in self.shards.items():
-            if len(s) < cfg.data.seq_len:
-                raise ValueError(f"training shard {k} holds {len(s)} tokens, fewer than data.seq_len={cfg.data.seq_len}")
+        self.is_image = isinstance(self.data, ImageSplits)
+        if self.is_image:
+            self.shards = {k: shard_images(self.data.train, self.data.train_labels, k, self.n_streams)
+                           for k in self.my_streams}
+            for k, (imgs, _) in self.shards.items():
+                if len(imgs) == 0:
+                    raise ValueError(f"training shard {k} holds no images: use fewer processes × accumulation steps")
+        else:
+            self.shards = {k: shard(self.data.train, k, self.n_streams) for k in self.my_streams}
+            for k, s in self.shards.items():
+                if len(s) < cfg.data.seq_len:
+                    raise ValueError(f"training shard {k} holds {len(s)} tokens, fewer than data.seq_len={cfg.data.seq_len}")
         self.data_gens = {k: torch.Generator().manual_seed(_stream_seed(cfg.train.seed, k, 1)) for k in self.my_streams}
         self.loss_gens = {
             k: torch.Generator(device=self.device).manual_seed(_stream_seed(cfg.train.seed, k, 2)) for k in self.my_streams
@@ -152,7 +170,12 @@ class Trainer:
 
         # Model, optimiser, EMA. Parameters are initialised from the run seed on every rank alike.
         torch.manual_seed(_stream_seed(cfg.train.seed, 0, 0))
-        self.model: MaskedDiffusion = build_model(cfg, self.vocab_size).to(self.device)
+        self.model: MaskedDiffusion = build_model(
+            cfg, self.vocab_size,
+            image_shape=self.data.shape if self.is_image else None,
+            num_classes=self.data.num_classes if self.is_image else 0,
+        ).to(self.device)
+        self.use_labels = self.is_image and cfg.model.class_conditional
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -167,8 +190,10 @@ class Trainer:
         elif self.dist.is_main:
             write_json_atomic(self.out_dir / "config.json", cfg.to_dict())
             write_json_atomic(self.out_dir / "network.json", self.model.network.config.to_dict())
-            write_json_atomic(self.out_dir / "meta.json", {**environment_info(), "vocab_size": self.vocab_size,
-                                                           "data": self.data.sizes()})
+            write_json_atomic(self.out_dir / "meta.json", {
+                **environment_info(), "vocab_size": self.vocab_size, "data": self.data.sizes(),
+                **({"image_shape": list(self.data.shape), "num_classes": self.data.num_classes} if self.is_image else {}),
+            })
         if cfg.train.compile:
             self.model.network.compile()
         self.ddp = (
@@ -302,12 +327,13 @@ class Trainer:
         loss_sum = 0.0
         accum = cfg.train.grad_accum
         for a, k in enumerate(self.my_streams):
-            x = random_crops(self.shards[k], self.micro_batch, cfg.data.seq_len, self.data_gens[k]).to(self.device)
+            x, labels = self._batch(k)
             sync = self.ddp is None or a == accum - 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[union-attr]
             with ctx:
                 with self._autocast():
-                    terms = module(x, generator=self.loss_gens[k])
+                    extra = {"labels": labels} if labels is not None else {}
+                    terms = module(x, generator=self.loss_gens[k], **extra)
                 (terms["loss"] / accum).backward()
             nelbo_sum += float(terms["nelbo"].detach().mean()) / accum
             loss_sum += float(terms["loss"].detach()) / accum
@@ -327,6 +353,16 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
         }
+
+    def _batch(self, stream: int) -> tuple[Tensor, Tensor | None]:
+        """The next micro-batch of a stream: (x (b, L), labels (b,) or None) on the device."""
+        cfg = self.config
+        if self.is_image:
+            images, labels = self.shards[stream]
+            x, y = random_images(images, labels, self.micro_batch, self.data_gens[stream])
+            return x.to(self.device), (y.to(self.device) if self.use_labels and y is not None else None)
+        x = random_crops(self.shards[stream], self.micro_batch, cfg.data.seq_len, self.data_gens[stream])
+        return x.to(self.device), None
 
     def _mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.dist.world_size == 1:
@@ -351,6 +387,15 @@ class Trainer:
         max_chunks = None
         if max_batches:
             max_chunks = max_batches * cfg.train.batch_size // max(1, cfg.train.grad_accum)
+        if self.is_image:
+            batch = max(1, cfg.train.batch_size // max(1, cfg.train.grad_accum))
+            with self.averaged_weights() as model:
+                return evaluate_images(
+                    model, self.data.validation, self.data.validation_labels if self.use_labels else None,
+                    batch_size=batch, max_images=(max_batches * batch) if max_batches else None, seed=cfg.train.seed,
+                    device=self.device, autocast_dtype=self.autocast_dtype, rank=self.dist.rank,
+                    world_size=self.dist.world_size,
+                )
         with self.averaged_weights() as model:
             result = evaluate_nelbo(
                 model, self.data.validation, seq_len=cfg.data.seq_len,
