@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draws", type=int, default=1, help="time draws per test sequence")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N test chunks")
     sub.add_parser("presets", help="list the training presets")
-    from maskdiff import zeroshot
+    from maskdiff import plots, zeroshot
 
     zeroshot.register_cli(sub)
+    plots.register_cli(sub)
     return parser
 
 
@@ -458,7 +459,8 @@ def _lazy(module: str, name: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "presets": cmd_presets,
-                "compare": cmd_compare, "zeroshot": _lazy("maskdiff.zeroshot", "cmd_zeroshot")}
+                "compare": cmd_compare, "zeroshot": _lazy("maskdiff.zeroshot", "cmd_zeroshot"),
+                "plot": _lazy("maskdiff.plots", "cmd_plot")}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -1,0 +1,746 @@
+"""Plots of a run folder, written as PNG files: ``maskdiff plot RUN_DIR``.
+
+* :func:`plot_training_curves` — training bits/token (raw and smoothed) and validation bits/token
+  with 95% intervals against the step (tokens seen on the top axis), the unigram entropy as a
+  reference line and the final evaluation(s) when ``eval-<split>.json`` exists.
+* :func:`plot_genmd4_exponents` — GenMD4's learned per-token exponents ``w_j`` (sorted, labelled
+  with the token's text) and their min/mean/max over training.
+* :func:`plot_elbo_vs_steps` — the discrete-time bound L_T against T (log axis) with 95% intervals,
+  and the continuous-time bound L_∞ as a band; missing evaluations are computed.
+
+Figures are drawn on matplotlib's Agg canvas directly (no ``pyplot``, no screen, no change to
+the global backend), and written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = [
+    "plot_training_curves",
+    "plot_genmd4_exponents",
+    "plot_elbo_vs_steps",
+    "read_metrics",
+    "elbo_points",
+    "register_cli",
+    "cmd_plot",
+]
+
+CHAR_CORPORA = ("wiki-char", "text8")
+PLOTS_DIR = "plots"
+FILE_NAMES = {
+    "curves": "training-curves.png",
+    "exponents": "genmd4-exponents.png",
+    "elbo": "elbo-vs-steps-{split}.png",
+}
+
+# Colours (matplotlib's default cycle, named for readability).
+BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run folder
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    cfg = _read_json(run_dir / "config.json")
+    if cfg is None:
+        raise FileNotFoundError(
+            f"{run_dir} is not a run folder: config.json is missing or unreadable "
+            "(a run folder is made by `maskdiff train`)"
+        )
+    return cfg
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """``metrics.jsonl`` as ``{"train": [...], "validation": [...]}``, each sorted by step.
+
+    A resumed run logs some steps twice (those after its checkpoint); the later record wins.
+    A truncated last line (a run killed while writing) is skipped.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run has logged nothing yet (or {run_dir} is not a run folder)")
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or "step" not in rec:
+                continue
+            by_key[(rec.get("split", "train"), int(rec["step"]))] = rec
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for (split, _), rec in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        out.setdefault(split, []).append(rec)
+    return out
+
+
+def _unit(config: dict[str, Any]) -> str:
+    return "bits per character" if config.get("data", {}).get("corpus") in CHAR_CORPORA else "bits per token"
+
+
+def _run_title(run_dir: Path, config: dict[str, Any]) -> str:
+    name = config.get("name") or run_dir.name
+    diff = config.get("diffusion", {})
+    method = str(diff.get("method", "?"))
+    label = {"md4": "MD4", "genmd4": "GenMD4", "ar": "AR baseline"}.get(method, method)
+    if method == "md4" and diff.get("schedule"):
+        label += f" ({diff['schedule']} schedule)"
+    where = f"{name}" if name == run_dir.name else f"{name} — {run_dir.name}"
+    return f"{where}: {label} on {config.get('data', {}).get('corpus', '?')}"
+
+
+def _run_subtitle(config: dict[str, Any], step: int | None = None) -> str:
+    m, d, t = config.get("model", {}), config.get("data", {}), config.get("train", {})
+    parts = [
+        f"{m.get('n_layers', '?')} layer{'' if m.get('n_layers') == 1 else 's'} × d_model {m.get('d_model', '?')}",
+        f"seq_len {d.get('seq_len', '?')}",
+        f"batch {t.get('batch_size', '?')}",
+    ]
+    if step is not None:
+        parts.append(f"step {step:,} of {t.get('steps', 0):,}")
+    else:
+        parts.append(f"{t.get('steps', 0):,} steps")
+    return ", ".join(parts)
+
+
+def _eval_files(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Continuous-time evaluations ``eval-<split>.json`` of the run, by split."""
+    found = {}
+    for split in ("train", "validation", "test"):
+        rec = _read_json(run_dir / f"eval-{split}.json")
+        if rec and "bits_per_token" in rec and not rec.get("num_steps"):
+            found[split] = rec
+    return found
+
+
+def _unigram_bits(run_dir: Path) -> tuple[float, str] | None:
+    evals = _eval_files(run_dir)
+    for split in ("test", "validation", "train"):
+        if split in evals and evals[split].get("unigram_bits_per_token") is not None:
+            return float(evals[split]["unigram_bits_per_token"]), split
+    for path in sorted(run_dir.glob("eval-*.json")):
+        rec = _read_json(path)
+        if rec and rec.get("unigram_bits_per_token") is not None:
+            return float(rec["unigram_bits_per_token"]), str(rec.get("split", "?"))
+    res = _read_json(run_dir / "results.json")
+    if res and res.get("unigram_bpc") is not None:
+        return float(res["unigram_bpc"]), "test"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)  # the non-interactive Agg canvas: no pyplot, no screen
+    return fig
+
+
+def _save(fig: Any, out_png: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG to ``out_png`` atomically (the caller decides whether it may replace a file)."""
+    out = Path(out_png)
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; give a file name ending in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png.tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def _smooth(values: Sequence[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (TensorBoard-style smoothing)."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc = weight * acc + (1.0 - weight) * v
+        norm = weight * norm + (1.0 - weight)
+        out.append(acc / norm)
+    return out
+
+
+def _auto_smoothing(n: int) -> float:
+    """EMA weight for a window of about 1/20 of the records (3 to 200 records; none below 12 records)."""
+    if n < 12:
+        return 0.0
+    window = min(200.0, max(3.0, n / 20.0))
+    return 1.0 - 2.0 / (window + 1.0)
+
+
+def plot_training_curves(
+    run_dir: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    log_x: bool = False,
+    smoothing: float | None = None,
+) -> Path:
+    """Training and validation bits/token against the step; returns the PNG's path.
+
+    Train: the logged values (each a mean over ``log_every`` steps) faint, and a debiased EMA of
+    them (``smoothing`` = EMA weight in [0, 1); default: a window of 1/40 of the records).
+    Validation (EMA weights, the first ``eval_batches`` batches) with 95% intervals (±1.96 stderr).
+    Also drawn when present: the final continuous-time evaluation(s) ``eval-<split>.json`` and
+    the unigram entropy of the evaluated split (a model that ignores context).
+    """
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    metrics = read_metrics(run_dir)
+    train = [r for r in metrics["train"] if r.get("bits_per_token") is not None]
+    val = [r for r in metrics.get("validation", []) if r.get("bits_per_token") is not None]
+    if not train and not val:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no train or validation records yet")
+    unit = _unit(config)
+
+    fig = _figure(9.0, 5.2)
+    ax = fig.add_subplot()
+    if train:
+        steps = [r["step"] for r in train]
+        bpt = [r["bits_per_token"] for r in train]
+        weight = _auto_smoothing(len(bpt)) if smoothing is None else float(smoothing)
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        ax.plot(steps, bpt, color=BLUE, alpha=0.3, lw=1.0, label="train (logged means)")
+        ax.plot(steps, _smooth(bpt, weight), color=BLUE, lw=1.8, label="train (smoothed)")
+    if val:
+        vs = [r["step"] for r in val]
+        vb = [r["bits_per_token"] for r in val]
+        ve = [1.96 * r["stderr"] if r.get("stderr") is not None and math.isfinite(r["stderr"]) else 0.0 for r in val]
+        n = val[-1].get("n_sequences")
+        label = "validation, EMA weights" + (f" ({n} seqs)" if n else "") + " ± 95% CI"
+        ax.errorbar(vs, vb, yerr=ve, fmt="o-", color=ORANGE, ms=4.5, lw=1.2, capsize=3, label=label, zorder=3)
+
+    last_step = max([r["step"] for r in train] + [r["step"] for r in val])
+    colours = {"test": RED, "validation": PURPLE, "train": GREEN}
+    from matplotlib.transforms import offset_copy
+
+    for i, (split, rec) in enumerate(_eval_files(run_dir).items()):
+        # Shifted right by a few points, so as not to hide the validation point of the same step.
+        shifted = offset_copy(ax.transData, fig=fig, x=8 + 8 * i, y=0, units="points")
+        step = rec.get("step", last_step)
+        lo, hi = rec.get("ci95", [rec["bits_per_token"]] * 2)
+        ax.errorbar([step], [rec["bits_per_token"]], yerr=[[rec["bits_per_token"] - lo], [hi - rec["bits_per_token"]]],
+                    fmt="*", ms=12, color=colours[split], capsize=4, zorder=4, transform=shifted,
+                    label=f"{split} split, continuous-time NELBO: {rec['bits_per_token']:.3f} "
+                          f"[{lo:.3f}, {hi:.3f}] ({rec.get('n_sequences', '?')} seqs)")
+    uni = _unigram_bits(run_dir)
+    if uni is not None:
+        ax.axhline(uni[0], color=GREY, ls="--", lw=1.2,
+                   label=f"unigram entropy of the {uni[1]} split: {uni[0]:.3f}")
+
+    if log_x:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 1 else f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_xlim(left=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(unit)
+    ax.grid(True, alpha=0.3, which="both" if log_x else "major")
+
+    # Tokens seen on the top axis (tokens per step is fixed: batch_size × seq_len).
+    tokens_per_step = None
+    with_tokens = [r for r in train if r.get("tokens") and r.get("step")]
+    if with_tokens:
+        tokens_per_step = with_tokens[-1]["tokens"] / with_tokens[-1]["step"]
+    else:
+        t, d = config.get("train", {}), config.get("data", {})
+        if t.get("batch_size") and d.get("seq_len"):
+            tokens_per_step = t["batch_size"] * d["seq_len"]
+    if tokens_per_step:
+        from matplotlib.ticker import EngFormatter
+
+        tps = float(tokens_per_step)
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * tps, lambda n: n / tps))
+        if log_x:
+            from matplotlib.ticker import LogLocator, NullFormatter
+
+            top.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            top.xaxis.set_minor_formatter(NullFormatter())
+        top.xaxis.set_major_formatter(EngFormatter(sep=""))
+        top.set_xlabel(f"tokens seen ({int(tps):,} per step)")
+
+    # Keep the interesting range: the first logged means of a fresh model can sit far above the rest.
+    values = [r["bits_per_token"] for r in train] + [r["bits_per_token"] for r in val]
+    if uni is not None:
+        values.append(uni[0])
+    if len(values) > 10:
+        lower, upper = min(values), max(values)
+        # The upper limit without the first 5% of the train records; used if those would squash the rest.
+        rest = max(values[max(1, len(train) // 20):])
+        if upper - lower > 1.5 * (rest - lower):
+            upper = rest
+        pad = 0.05 * (upper - lower if upper > lower else 1.0)
+        ax.set_ylim(lower - pad, upper + 2 * pad)
+    ax.legend(loc="upper right", fontsize=8.5, framealpha=0.9)
+    fig.suptitle(_run_title(run_dir, config), fontsize=12)
+    ax.set_title(_run_subtitle(config, last_step), fontsize=9, color="#444444")
+    return _save(fig, out_png)
+
+
+def _token_label(text: str, token_id: int, show_id: bool) -> str:
+    """A readable label for one token's text: spaces as ␣, newlines as ↵, tabs as ⇥."""
+    shown = []
+    for ch in text:
+        if ch == " ":
+            shown.append("␣")
+        elif ch == "\n":
+            shown.append("↵")
+        elif ch == "\t":
+            shown.append("⇥")
+        elif unicodedata.category(ch)[0] == "C":
+            shown.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            shown.append(ch)
+    label = "".join(shown) or "∅"
+    label = label.replace("$", r"\$")  # matplotlib would read $...$ as mathtext
+    if len(label) > 18:
+        label = label[:17] + "…"
+    return f"{label} ({token_id})" if show_id else label
+
+
+def _decode_one(tokenizer: Any, token_id: int) -> str:
+    try:
+        return tokenizer.decode([token_id])
+    except Exception:  # a byte-level piece that is not valid UTF-8 alone, or an id outside the tokenizer
+        return "\ufffd"
+
+
+_DIRECTION = (
+    r"$\alpha_{t,j} = 1-(1-\varepsilon)\,t^{w_j}$ is the chance that token $j$ is still unmasked at time $t$."
+    "\nLarger $w_j$ → smaller $t^{w_j}$ → larger α: masked later in the forward process, "
+    "so revealed earlier when generating (t: 1 → 0).\nSmaller $w_j$: masked early, revealed late."
+)
+
+
+def plot_genmd4_exponents(run_dir: str | os.PathLike, out_png: str | os.PathLike, *, top: int = 30) -> Path:
+    """GenMD4's learned exponent per token (sorted, labelled) and min/mean/max over training.
+
+    Up to 64 vocabulary entries (character runs) every token is shown; larger vocabularies
+    (GPT-2) show the ``top`` largest and smallest exponents and a histogram of all of them.
+    """
+    from maskdiff.checkpoint import load
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    if config.get("diffusion", {}).get("method") != "genmd4":
+        raise ValueError(
+            f"{run_dir} is a {config.get('diffusion', {}).get('method', '?')} run; "
+            "learned exponents exist only for GenMD4 runs"
+        )
+    run = load(run_dir, device="cpu")
+    schedule = run.model.schedule
+    w = schedule.exponents.detach().double().cpu().numpy()
+    init = float(getattr(schedule, "init_exponent", config["diffusion"].get("init_exponent", 1.0)))
+    tokenizer = run.tokenizer
+    vocab = len(w)
+    char_run = config.get("data", {}).get("corpus") in CHAR_CORPORA
+    order = sorted(range(vocab), key=lambda j: -w[j])
+    shown = order if vocab <= 64 else order[:top] + order[-top:]
+    labels = {j: _token_label(_decode_one(tokenizer, j), j, show_id=not char_run) for j in shown}
+
+    try:
+        history = [r for r in read_metrics(run_dir)["train"] if "w_mean" in r]
+    except FileNotFoundError:
+        history = []
+
+    small = vocab <= 64
+    fig = _figure(11.0 if small else 12.0, 8.2 if small else 11.0)
+    if small:
+        grid = fig.add_gridspec(2, 1, height_ratios=[1.35, 1.0])
+        ax = fig.add_subplot(grid[0])
+        xs = range(vocab)
+        # Bars start at the initial exponent: up = grew during training, down = shrank.
+        ax.bar(xs, [w[j] - init for j in order], bottom=init, color=[BLUE if w[j] >= init else ORANGE for j in order],
+               width=0.75)
+        ax.set_xticks(list(xs), [labels[j] for j in order], fontsize=11)
+        ax.axhline(init, color=RED, ls="--", lw=1.2, label=f"initial exponent {init:g}")
+        ax.set_xlim(-0.7, vocab - 0.3)
+        lo, hi = min(float(w.min()), init), max(float(w.max()), init)
+        span = max(hi - lo, 1e-6)
+        ax.set_ylim(max(0.0, lo - 0.1 * span), hi + 0.1 * span)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylabel(r"exponent $w_j$")
+        ax.set_xlabel("token (sorted by learned exponent; ␣ = space)")
+        ax.legend(loc="upper right", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_title(_DIRECTION, fontsize=9, color="#333333", loc="left")
+        hist_ax = fig.add_subplot(grid[1])
+    else:
+        grid = fig.add_gridspec(2, 3, height_ratios=[2.0, 1.0])
+        k = min(top, vocab // 2)
+        panels = ((order[:k], f"largest {k} exponents (revealed earliest)"),
+                  (order[-k:], f"smallest {k} exponents (revealed last)"))
+        for col, (ids, title) in enumerate(panels):
+            bar_ax = fig.add_subplot(grid[0, col])
+            ys = list(range(len(ids)))
+            bar_ax.barh(ys, [w[j] for j in ids], color=BLUE if col == 0 else ORANGE, height=0.75)
+            bar_ax.set_yticks(ys, [labels[j] for j in ids], fontsize=8)
+            bar_ax.invert_yaxis()
+            bar_ax.axvline(init, color=RED, ls="--", lw=1.2, label=f"initial {init:g}")
+            vals = [w[j] for j in ids] + [init]
+            span = max(vals) - min(vals) or 0.1
+            bar_ax.set_xlim(max(0.0, min(vals) - 0.1 * span), max(vals) + 0.1 * span)
+            bar_ax.set_xlabel(r"exponent $w_j$")
+            bar_ax.set_title(title, fontsize=10)
+            bar_ax.grid(True, axis="x", alpha=0.3)
+            bar_ax.legend(loc="lower right", fontsize=8)
+        all_ax = fig.add_subplot(grid[0, 2])
+        all_ax.hist(w, bins=60, color=GREY)
+        all_ax.axvline(init, color=RED, ls="--", lw=1.2)
+        all_ax.set_yscale("log")
+        all_ax.set_xlabel(r"exponent $w_j$")
+        all_ax.set_ylabel("tokens")
+        all_ax.set_title(f"all {vocab:,} tokens", fontsize=10)
+        hist_ax = fig.add_subplot(grid[1, :])
+        hist_ax.set_title(_DIRECTION, fontsize=9, color="#333333", loc="left")
+
+    # Second panel: min / mean / max over training (raw weights, as logged by the trainer).
+    if history:
+        hs = [r["step"] for r in history]
+        hist_ax.fill_between(hs, [r["w_min"] for r in history], [r["w_max"] for r in history], color=BLUE, alpha=0.2,
+                             label="min – max over tokens")
+        hist_ax.plot(hs, [r["w_mean"] for r in history], color=BLUE, lw=1.6, label="mean over tokens")
+        hist_ax.axhline(init, color=RED, ls="--", lw=1.2, label=f"initial exponent {init:g}")
+        hist_ax.set_xlabel("training step")
+        hist_ax.set_ylabel(r"$w$")
+        hist_ax.legend(loc="upper left", fontsize=8.5)
+        hist_ax.grid(True, alpha=0.3)
+        hist_ax.set_xlim(left=0)
+        hist_ax.ticklabel_format(axis="y", useOffset=False)
+        if not small:
+            hist_ax.set_title(_DIRECTION, fontsize=9, color="#333333", loc="left")
+        else:
+            hist_ax.set_title("exponents during training (raw weights; the bars above use the "
+                              f"{run.weights.upper()} weights of step {run.step:,})", fontsize=9)
+    else:
+        hist_ax.text(0.5, 0.5, "no w_min / w_mean / w_max records in metrics.jsonl", ha="center", va="center",
+                     transform=hist_ax.transAxes, color=GREY)
+        hist_ax.set_axis_off()
+    fig.suptitle(f"{_run_title(run_dir, config)} — learned masking exponents $w_j$ "
+                 f"(step {run.step:,}, {run.weights} weights)", fontsize=12)
+    return _save(fig, out_png)
+
+
+# ---------------------------------------------------------------------------------------------
+# ELBO against the number of steps
+
+
+def _eval_name(split: str, steps: int | None) -> str:
+    return f"eval-{split}" + (f"-T{steps}" if steps else "") + ".json"
+
+
+def _matches(rec: dict[str, Any] | None, want: dict[str, Any]) -> bool:
+    return bool(rec) and all(rec.get(k) == v for k, v in want.items())
+
+
+def _evaluate_into(path: Path, run_dir: Path, *, split: str, steps: int | None, seed: int, batch_size: int,
+                   max_chunks: int | None, device: str, progress: bool) -> dict[str, Any]:
+    """What :func:`maskdiff.cli.run_eval` computes, written to ``path`` instead of the run's own file."""
+    import time
+
+    from maskdiff.checkpoint import load, write_json_atomic
+    from maskdiff.cli import _device
+    from maskdiff.data import load_corpus, unigram_entropy_bits
+    from maskdiff.evaluate import evaluate_nelbo
+
+    dev = _device(device)
+    run = load(run_dir, device=dev)
+    cfg = run.config
+    data = load_corpus(cfg.data.corpus, path=cfg.data.path, cache_dir=cfg.data.cache_dir)
+    tokens = data.split(split)
+    autocast = None
+    if dev.startswith("cuda"):
+        import torch
+
+        autocast = torch.bfloat16
+    t0 = time.perf_counter()
+    result = evaluate_nelbo(run.model, tokens, seq_len=cfg.data.seq_len, batch_size=batch_size, num_steps=steps,
+                            seed=seed, max_chunks=max_chunks, device=dev, autocast_dtype=autocast, progress=progress)
+    result.update(split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
+                  corpus=cfg.data.corpus, seconds=time.perf_counter() - t0,
+                  unigram_bits_per_token=unigram_entropy_bits(data.train, tokens, data.vocab_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    return result
+
+
+def elbo_points(
+    run_dir: str | os.PathLike,
+    steps: Iterable[int] = (10, 100, 1000),
+    *,
+    split: str = "test",
+    max_chunks: int | None = 1024,
+    compute_missing: bool = True,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[int | None, dict[str, Any]]:
+    """Evaluations for each T in ``steps`` and for continuous time (key ``None``).
+
+    With ``compute_missing`` every point is made comparable: the same checkpoint, the same
+    ``seed`` (so the same time/mask draws, discretised for L_T: a paired comparison) and the same
+    first ``max_chunks`` chunks (``None``: the whole split). The run's own
+    ``eval-<split>[-T<T>].json`` is used when it matches; a missing one is computed with
+    :func:`maskdiff.cli.run_eval` (which writes it); one that exists but does not match (say, a
+    whole-split evaluation) is left alone and the matching figure is computed into
+    ``RUN_DIR/plots/cache/``. Without ``compute_missing`` whatever exists is returned as it is.
+    """
+    from maskdiff.checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    wanted: list[int | None] = sorted({int(s) for s in steps})
+    if any(s < 1 for s in wanted):  # type: ignore[operator]
+        raise ValueError(f"steps must be positive integers, got {list(steps)}")
+    wanted.append(None)
+    cache = run_dir / PLOTS_DIR / "cache"
+    points: dict[int | None, dict[str, Any]] = {}
+    if not compute_missing:
+        for s in wanted:
+            rec = _read_json(run_dir / _eval_name(split, s))
+            if rec is None:
+                cached = sorted(cache.glob(_eval_name(split, s)[:-5] + f"-n*-seed{seed}-step*.json"),
+                                key=lambda p: p.stat().st_mtime)
+                rec = _read_json(cached[-1]) if cached else None
+            if rec is not None:
+                points[s] = rec
+        return points
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint to evaluate")
+    step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    from maskdiff.data import load_corpus, num_eval_chunks
+
+    d = config["data"]
+    data = load_corpus(d["corpus"], path=d.get("path"), cache_dir=d.get("cache_dir"))
+    n_chunks = num_eval_chunks(data.split(split), d["seq_len"])
+    if max_chunks is not None:
+        n_chunks = min(n_chunks, int(max_chunks))
+    weights = "ema" if (ckpt / "ema.safetensors").is_file() else "raw"  # what run_eval's default loads
+    want = {"step": step, "seed": seed, "n_sequences": n_chunks, "num_time_draws": 1, "weights": weights,
+            "split": split}
+    for s in wanted:
+        own = run_dir / _eval_name(split, s)
+        rec = _read_json(own)
+        if _matches(rec, want):
+            points[s] = rec
+            continue
+        if not own.exists():
+            from maskdiff.cli import run_eval
+
+            print(f"evaluating {split} split, {'T=' + str(s) if s else 'continuous time'}, {n_chunks} chunks → {own}",
+                  file=sys.stderr)
+            points[s] = run_eval(str(run_dir), split=split, steps=s, seed=seed, batch_size=batch_size,
+                                 max_chunks=n_chunks, device=device, progress=progress)
+            continue
+        mine = cache / (_eval_name(split, s)[:-5] + f"-n{n_chunks}-seed{seed}-step{step}.json")
+        rec = _read_json(mine)
+        if not _matches(rec, want):
+            print(f"{own.name} was computed differently (another checkpoint, seed or number of sequences); "
+                  f"evaluating {n_chunks} chunks into {mine}", file=sys.stderr)
+            rec = _evaluate_into(mine, run_dir, split=split, steps=s, seed=seed, batch_size=batch_size,
+                                 max_chunks=n_chunks, device=device, progress=progress)
+        points[s] = rec
+    return points
+
+
+def plot_elbo_vs_steps(
+    run_dir: str | os.PathLike,
+    out_png: str | os.PathLike,
+    steps: Iterable[int] = (10, 100, 1000),
+    split: str = "test",
+    max_chunks: int | None = 1024,
+    compute_missing: bool = True,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = False,
+) -> Path:
+    """Discrete-time NELBO L_T (bits/token, 95% CI) against T, with the continuous-time L_∞ as a band.
+
+    See :func:`elbo_points` for where the figures come from and when they are computed.
+    """
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    points = elbo_points(run_dir, steps, split=split, max_chunks=max_chunks, compute_missing=compute_missing,
+                         seed=seed, batch_size=batch_size, device=device, progress=progress)
+    discrete = sorted((s, r) for s, r in points.items() if s is not None)
+    cont = points.get(None)
+    if not discrete and cont is None:
+        raise FileNotFoundError(
+            f"no eval-{split}-T<steps>.json in {run_dir}; run `maskdiff eval {run_dir} --split {split} --steps T` "
+            f"or plot with compute_missing"
+        )
+    unit = _unit(config)
+    fig = _figure(8.0, 5.0)
+    ax = fig.add_subplot()
+    if cont is not None:
+        lo, hi = cont["ci95"]
+        ax.axhspan(lo, hi, color=GREEN, alpha=0.18, lw=0,
+                   label=f"continuous time $L_\\infty$: 95% CI [{lo:.4f}, {hi:.4f}]")
+        ax.axhline(cont["bits_per_token"], color=GREEN, lw=1.5,
+                   label=f"continuous time $L_\\infty$ = {cont['bits_per_token']:.4f}")
+    if discrete:
+        ts = [s for s, _ in discrete]
+        vals = [r["bits_per_token"] for _, r in discrete]
+        err_lo = [r["bits_per_token"] - r["ci95"][0] for _, r in discrete]
+        err_hi = [r["ci95"][1] - r["bits_per_token"] for _, r in discrete]
+        ax.errorbar(ts, vals, yerr=[err_lo, err_hi], fmt="o-", color=BLUE, ms=6, capsize=4, lw=1.4,
+                    label="discrete time $L_T$ ± 95% CI", zorder=3)
+        for t, v in zip(ts, vals):
+            note = f"{v:.4f}"
+            if cont is not None:
+                note += f"\n{v - cont['bits_per_token']:+.4f} vs $L_\\infty$"
+            ax.annotate(note, (t, v), textcoords="offset points", xytext=(8, 6), fontsize=8, color="#222222",
+                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.75))
+        ax.set_xscale("log")
+        ax.set_xticks(ts, [f"{t:,}" for t in ts])
+        ax.set_xlim(min(ts) / 2.5, max(ts) * 4)
+        ax.minorticks_off()
+    ax.set_xlabel("number of discrete time steps T (log scale)")
+    ax.set_ylabel(f"negative ELBO, {unit}")
+    ax.grid(True, alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8.5, frameon=False)
+
+    recs = [r for _, r in discrete] + ([cont] if cont is not None else [])
+    keys = {(r.get("n_sequences"), r.get("seed"), r.get("step"), r.get("num_time_draws")) for r in recs}
+    first = recs[0]
+    if len(keys) == 1:
+        sub = (f"{split} split: the same {first.get('n_sequences', '?')} sequences × {first.get('seq_len', '?')} "
+               f"tokens and seed {first.get('seed')} for every point (paired draws), checkpoint step "
+               f"{first.get('step', '?'):,}.\n"
+               "The bars include the variation between sequences, which all points share.")
+    else:
+        sub = ("not a paired comparison — the points differ in sequences / seed / checkpoint: "
+               + "; ".join(f"{'T=' + str(s) if s else 'L∞'}: n={r.get('n_sequences')}, seed={r.get('seed')}, "
+                           f"step={r.get('step')}" for s, r in sorted(points.items(), key=lambda kv: kv[0] or 10**12)))
+    ax.set_title(sub, fontsize=8.5, color="#444444", wrap=True)
+    fig.suptitle(f"{_run_title(run_dir, config)} — ELBO vs number of steps", fontsize=12)
+    return _save(fig, out_png)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: maskdiff plot RUN_DIR [--what ...] [--out DIR]
+
+WHATS = ("curves", "exponents", "elbo")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``plot`` to ``maskdiff``'s sub-commands (its handler is :func:`cmd_plot`)."""
+    p = subparsers.add_parser(
+        "plot", help="draw PNG plots of a run: training curves, GenMD4 exponents, ELBO vs steps",
+        description="Write PNG plots of a run folder. By default: training curves, and the learned exponents for "
+                    "GenMD4 runs, into RUN_DIR/plots/ (replacing earlier plots there). `--what elbo` evaluates the "
+                    "discrete-time ELBO for each --steps T that has no eval file yet (this takes a while on big runs).",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--what", default=None,
+                   help="comma-separated: curves, exponents, elbo (default: curves, plus exponents for GenMD4 runs)")
+    p.add_argument("--out", default=None,
+                   help="folder for the PNGs (default RUN_DIR/plots/); files already in a folder of yours are "
+                        "never replaced: a new name is chosen")
+    p.add_argument("--steps", default="10,100,1000", help="T values for --what elbo (comma-separated)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split for --what elbo")
+    p.add_argument("--max-chunks", type=int, default=1024,
+                   help="--what elbo: evaluate the first N chunks of the split (0: all of it; default 1024)")
+    p.add_argument("--no-compute", action="store_true", help="--what elbo: plot only evaluations that exist")
+    p.add_argument("--seed", type=int, default=0, help="--what elbo: evaluation seed (the same for every T)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-x", action="store_true", help="training curves against log(step)")
+    return p
+
+
+def _free_name(path: Path) -> Path:
+    """``path`` if free, else ``stem-2.png``, ``stem-3.png``, ..."""
+    if not path.exists():
+        return path
+    i = 2
+    while (candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
+        i += 1
+    return candidate
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    config = _run_config(run_dir)
+    genmd4 = config.get("diffusion", {}).get("method") == "genmd4"
+    if args.what is None:
+        whats = ["curves"] + (["exponents"] if genmd4 else [])
+    else:
+        whats = [w.strip() for w in args.what.split(",") if w.strip()]
+        unknown = [w for w in whats if w not in WHATS]
+        if unknown or not whats:
+            raise SystemExit(f"error: --what takes a comma-separated list of {', '.join(WHATS)}; got {args.what!r}")
+        if "exponents" in whats and not genmd4:
+            raise SystemExit(f"error: {run_dir} is a {config.get('diffusion', {}).get('method')} run; "
+                             "--what exponents needs a GenMD4 run")
+    try:
+        steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}") from None
+    if "elbo" in whats and (not steps or min(steps) < 1):
+        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}")
+
+    ours = run_dir / PLOTS_DIR
+    out_dir = Path(args.out) if args.out else ours
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: --out {out_dir} exists and is not a folder; give a folder for the PNGs")
+    replace = out_dir.resolve() == ours.resolve()  # RUN_DIR/plots/ is ours: plots there are regenerated
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    written = []
+    for what in whats:
+        target = out_dir / FILE_NAMES[what].format(split=args.split)
+        if not replace:
+            target = _free_name(target)
+        if what == "curves":
+            path = plot_training_curves(run_dir, target, log_x=args.log_x)
+        elif what == "exponents":
+            path = plot_genmd4_exponents(run_dir, target)
+        else:
+            path = plot_elbo_vs_steps(run_dir, target, steps, split=args.split,
+                                      max_chunks=args.max_chunks or None, compute_missing=not args.no_compute,
+                                      seed=args.seed, batch_size=args.batch_size, device=args.device, progress=True)
+        written.append(path)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
