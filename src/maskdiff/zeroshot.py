@@ -104,6 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maskdiff.data.hf import import_datasets
 from maskdiff.data.tokenizers import GPT2_EOT_ID, GPT2_VOCAB_SIZE
 from maskdiff.metrics import LN2
 
@@ -410,7 +411,7 @@ def _local_files(spec: ZeroShotDataset, path: str | os.PathLike[str], split: str
 
 
 def _open_local(spec: ZeroShotDataset, files: list[Path]) -> Any:
-    import datasets
+    datasets = import_datasets()
 
     kinds = {_file_format(f) for f in files}
     if len(kinds) != 1:
@@ -424,7 +425,7 @@ def _open_local(spec: ZeroShotDataset, files: list[Path]) -> Any:
 
 def _open_hub(spec: ZeroShotDataset, split: str, cache_dir: str | None, revision: str | None,
               streaming: bool) -> Any:
-    import datasets
+    datasets = import_datasets()
 
     if spec.parquet_export:
         return datasets.load_dataset("parquet", data_files={split: spec.hub_parquet_glob(split)}, split=split,

@@ -35,6 +35,18 @@ from maskdiff.data.packing import open_packed_memmap, write_packed_memmap
 from maskdiff.data.splits import TokenSplits, check_fractions, split_by_fraction
 from maskdiff.data.tokenizers import GPT2_RANKS_SHA256, GPT2Tokenizer
 
+
+def import_datasets() -> Any:
+    """The Hugging Face ``datasets`` module, or an ImportError that says how to install it."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "this needs the Hugging Face `datasets` package: pip install 'maskdiff[hf]' "
+            "(or pip install datasets==5.2.0)"
+        ) from None
+    return datasets
+
 __all__ = ["load_hf_corpus", "HF_PRESETS", "resolve_local_files"]
 
 PathLike = str | os.PathLike[str]
@@ -147,7 +159,7 @@ def _open_dataset(
             fp = {"kind": "saved", "files": files, "split": split}
 
             def open_saved() -> Any:
-                import datasets
+                datasets = import_datasets()
 
                 ds = datasets.load_from_disk(str(local))
                 if isinstance(ds, datasets.DatasetDict):
@@ -198,7 +210,7 @@ def _open_dataset(
               "revision": revision, "dataset_kwargs": dataset_kwargs}
 
     def open_builder() -> Any:
-        import datasets
+        datasets = import_datasets()
 
         try:
             return datasets.load_dataset(
