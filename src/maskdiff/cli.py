@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draws", type=int, default=1, help="time draws per test sequence")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N test chunks")
     sub.add_parser("presets", help="list the training presets")
-    from maskdiff import plots, zeroshot
+    from maskdiff import genppl, plots, zeroshot
 
     zeroshot.register_cli(sub)
     plots.register_cli(sub)
+    genppl.register_cli(sub)
     return parser
 
 
@@ -460,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "presets": cmd_presets,
                 "compare": cmd_compare, "zeroshot": _lazy("maskdiff.zeroshot", "cmd_zeroshot"),
-                "plot": _lazy("maskdiff.plots", "cmd_plot")}
+                "plot": _lazy("maskdiff.plots", "cmd_plot"), "genppl": _lazy("maskdiff.genppl", "cmd_genppl")}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

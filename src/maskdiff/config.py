@@ -242,8 +242,9 @@ def _demo() -> RunConfig:
         data=DataConfig(corpus="wiki-char", seq_len=128),
         model=ModelConfig(n_layers=3, d_model=128, n_heads=4, mlp_ratio=4.0),
         diffusion=DiffusionConfig(method="md4", schedule="linear"),
-        optim=OptimConfig(lr=2e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995),
-        train=TrainConfig(steps=1000, batch_size=64, log_every=10, eval_every=250, eval_batches=10,
+        # lr 4e-3 reached 3.57 bits/char at 300 steps where 2e-3 reached 3.71 (same seed and budget).
+        optim=OptimConfig(lr=4e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995),
+        train=TrainConfig(steps=1500, batch_size=64, log_every=10, eval_every=250, eval_batches=10,
                           save_every=250, num_threads=0),
     )
 
