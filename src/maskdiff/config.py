@@ -236,16 +236,20 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _demo() -> RunConfig:
-    """CPU, minutes: a small MD4 on character-level Wikipedia (see README, `make demo`)."""
+    """CPU, minutes: a small MD4 on character-level Wikipedia (see README, `make demo`).
+
+    Chosen by 300-step runs on this corpus (validation bits/char, same seed): adaLN-zero time
+    conditioning 3.47 at lr 2e-3 and 3.55 at 4e-3; time-agnostic with residual gates 3.71 at
+    2e-3 and 3.57 at 4e-3; time-agnostic without gates 3.97.
+    """
     return RunConfig(
         name="demo",
         data=DataConfig(corpus="wiki-char", seq_len=128),
-        model=ModelConfig(n_layers=3, d_model=128, n_heads=4, mlp_ratio=4.0),
+        model=ModelConfig(n_layers=3, d_model=128, n_heads=4, mlp_ratio=4.0, time_conditioning=True),
         diffusion=DiffusionConfig(method="md4", schedule="linear"),
-        # lr 4e-3 reached 3.57 bits/char at 300 steps where 2e-3 reached 3.71 (same seed and budget).
-        optim=OptimConfig(lr=4e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995),
-        train=TrainConfig(steps=1500, batch_size=64, log_every=10, eval_every=250, eval_batches=10,
-                          save_every=250, num_threads=0),
+        optim=OptimConfig(lr=2e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.995),
+        train=TrainConfig(steps=1200, batch_size=64, log_every=10, eval_every=300, eval_batches=10,
+                          save_every=300, num_threads=0),
     )
 
 
