@@ -24,7 +24,7 @@ def wiki():
 @pytest.mark.parametrize("method", ["ar", "md4"])
 def test_untrained_models_score_log_V(wiki, method):
     """Zero-initialised heads predict uniformly: AR gives exactly log2 V; MD4's bound ≈ log2 V."""
-    extra = ["diffusion.method=ar", "model.causal=true"] if method == "ar" else []
+    extra = ["diffusion.method=ar", "model.causal=true", "model.time_conditioning=false"] if method == "ar" else []
     cfg = apply_overrides(get_preset("demo"), TINY + extra)
     model = build_model(cfg, 27)
     res = evaluate_nelbo(model, wiki.test[:32 * 256], seq_len=32, batch_size=64, seed=0)
@@ -36,7 +36,8 @@ def test_untrained_models_score_log_V(wiki, method):
 
 
 def test_ar_model_is_causal_and_uses_bos():
-    cfg = apply_overrides(get_preset("demo"), TINY + ["diffusion.method=ar", "model.causal=true"])
+    cfg = apply_overrides(get_preset("demo"), TINY + ["diffusion.method=ar", "model.causal=true",
+                                                      "model.time_conditioning=false"])
     model = build_model(cfg, 27)
     torch.nn.init.normal_(model.network.head.weight, std=0.5)
     x = torch.randint(0, 27, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from maskdiff.checkpoint import load
+
 pytest.importorskip("transformers", reason="generative perplexity needs transformers (test dependency)")
 pytest.importorskip("gguf", reason="the offline SmolLM2 scorer needs gguf to read the GGUF file (test dependency)")
 try:
@@ -166,7 +168,8 @@ def test_cli_genppl_on_a_tiny_run(tiny_run, scorer, capsys):
         res = json.loads((tiny_run / f"genppl-{prec}.json").read_text())
         assert res["precision"] == prec and res["scorer"] == scorer.label and res["num_samples"] == 3
         assert res["sampler"] == {"steps": 8, "grid": "cosine", "sampler": "ancestral", "top_p": None, "top_k": None,
-                                  "temperature": 1.0, "seed": 1, "length": 32, "num": 3, "cache": True,
+                                  "temperature": 1.0, "seed": 1, "length": 32, "num": 3,
+                                  "cache": not load(tiny_run).model.time_conditioning,
                                   "precision": prec}
         assert res["gen_ppl"] > 1 and res["gen_ppl_ci95"][0] < res["gen_ppl"] < res["gen_ppl_ci95"][1]
         assert 0 < res["entropy_per_sample_bits"] <= math.log2(27) and res["entropy_unit"] == "character"

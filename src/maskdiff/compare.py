@@ -30,7 +30,7 @@ from maskdiff.metrics import LN2
 __all__ = ["compare_methods", "unigram_estimate", "format_table", "METHOD_OVERRIDES"]
 
 METHOD_OVERRIDES: dict[str, list[str]] = {
-    "ar": ["diffusion.method=ar", "model.causal=true"],
+    "ar": ["diffusion.method=ar", "model.causal=true", "model.time_conditioning=false"],
     "md4": ["diffusion.method=md4"],
     "genmd4": ["diffusion.method=genmd4"],
 }

@@ -125,6 +125,8 @@ class RunConfig:
             raise ValueError(f"diffusion.method must be md4, genmd4 or ar, got {d.method!r}")
         if d.method == "ar" and not m.causal:
             raise ValueError("diffusion.method=ar needs model.causal=true")
+        if d.method == "ar" and m.time_conditioning:
+            raise ValueError("diffusion.method=ar has no diffusion time: set model.time_conditioning=false")
         if d.method != "ar" and m.causal:
             raise ValueError("model.causal=true is only for diffusion.method=ar (masked diffusion needs bidirectional attention)")
         if m.d_model % m.n_heads:
