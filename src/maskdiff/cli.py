@@ -178,7 +178,8 @@ def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = No
         split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
         corpus=cfg.data.corpus, seconds=time.perf_counter() - t0, **baseline,
     )
-    suffix = f"-T{steps}" if steps else ""
+    # Results of other seeds or draw counts get their own file instead of replacing the default one.
+    suffix = (f"-T{steps}" if steps else "") + (f"-seed{seed}" if seed else "") + (f"-K{draws}" if draws > 1 else "")
     write_json_atomic(Path(run_dir) / f"eval-{split}{suffix}.json", result)
     return result
 

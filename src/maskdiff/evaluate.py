@@ -49,7 +49,8 @@ def evaluate_nelbo(
 ) -> dict[str, Any]:
     """Negative ELBO of ``model`` (a :class:`maskdiff.model.MaskedDiffusion`) on a token stream.
 
-    Deterministic given ``seed``. With ``world_size > 1`` (an initialised process group), rank r
+    Deterministic given ``seed`` and ``batch_size`` (times are drawn antithetically across each
+    batch, and each batch's generator is seeded from ``seed`` and its index). With ``world_size > 1`` (an initialised process group), rank r
     evaluates batches r, r + world, ... and the sums are all-reduced.
     """
     n_total = num_eval_chunks(tokens, seq_len)
