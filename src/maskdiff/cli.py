@@ -63,6 +63,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gap-length", type=int, default=16, help="tokens per gap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="call the network at every step")
+    p.add_argument("--compute", default="auto", choices=["auto", "fp32", "bf16", "bf16-graph"],
+                   help="network arithmetic for text runs: auto = bf16-graph on CUDA (bf16, replayed "
+                        "from a CUDA graph), fp32 on the CPU")
     p.add_argument("--out", default=None,
                    help="text runs: write JSONL (text + settings) here instead of printing; "
                         "image runs: the PNG grid to write (default RUN_DIR/samples-<seed>.png)")
@@ -217,9 +220,17 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
                   top_k: int | None = None, temperature: float = 1.0, precision: str = "float64",
                   prompt: str | None = None, suffix: str | None = None, infill: str | None = None,
                   gap: str = "___", gap_length: int = 16, seed: int = 0, cache: bool = True,
-                  device: str = "auto", progress: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """Sample ``num`` texts from a run folder (or an already loaded run); returns (texts, settings)."""
+                  device: str = "auto", progress: bool = True, compute: str = "auto",
+                  ) -> tuple[list[str], dict[str, Any]]:
+    """Sample ``num`` texts from a run folder (or an already loaded run); returns (texts, settings).
+
+    ``compute``: ``fp32`` (the network in float32), ``bf16`` (autocast, CUDA), ``bf16-graph``
+    (autocast, replayed from a CUDA graph: :class:`maskdiff.graphs.GraphDenoiser`); ``auto`` is
+    ``bf16-graph`` on CUDA and ``fp32`` elsewhere.
+    """
     import torch
+
+    from maskdiff.graphs import GraphDenoiser
 
     from maskdiff.checkpoint import LoadedRun, load
     from maskdiff.sampling import fixed_from_template, make_fixed, sample
@@ -257,8 +268,15 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
         fixed = make_fixed(length, prefix=encode(prompt) if prompt else None, suffix=encode(suffix) if suffix else None)
     generator = torch.Generator(device=dev).manual_seed(seed)
     time_agnostic = not model.time_conditioning
+    on_cuda = str(dev).startswith("cuda")
+    if compute == "auto":
+        compute = "bf16-graph" if on_cuda else "fp32"
+    if compute != "fp32" and not on_cuda:
+        raise SystemExit(f"error: --compute {compute} needs a CUDA device; use --compute fp32 on {dev}")
+    denoiser = model.denoiser if compute == "fp32" else GraphDenoiser(
+        model.network, num, length, dtype=torch.bfloat16, use_graph=compute == "bf16-graph")
     tokens = sample(
-        model.denoiser, model.schedule, batch_size=num, length=length, vocab_size=model.vocab_size,
+        denoiser, model.schedule, batch_size=num, length=length, vocab_size=model.vocab_size,
         num_steps=steps, grid=grid, generator=generator, sampler=sampler, temperature=temperature,
         top_k=top_k, top_p=top_p, precision=precision, cache=(cache and time_agnostic), time_agnostic=time_agnostic,
         fixed=fixed, device=dev, progress=progress,
@@ -266,7 +284,8 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
     texts = [tok.decode(row.tolist()) for row in tokens]
     settings = dict(run=str(run.path), step=run.step, weights=run.weights, steps=steps, grid=grid, sampler=sampler,
                     top_p=top_p, top_k=top_k, temperature=temperature, precision=precision, seed=seed, length=length,
-                    prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None)
+                    prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None,
+                    compute=compute)
     return texts, settings
 
 
@@ -342,7 +361,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             args.run_dir, num=args.num, length=args.length, steps=args.steps, grid=args.grid, sampler=args.sampler,
             top_p=args.top_p, top_k=args.top_k, temperature=args.temperature, precision=args.precision,
             prompt=args.prompt, suffix=args.suffix, infill=args.infill, gap=args.gap, gap_length=args.gap_length,
-            seed=args.seed, cache=not args.no_cache, device=args.device,
+            seed=args.seed, cache=not args.no_cache, device=args.device, compute=args.compute,
         )
     if args.out:
         out = Path(args.out)

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+#: ``(z_t, t, x, masked) -> (B, *S)`` float32 cross-entropy at masked positions, 0 elsewhere.
+MaskedCrossEntropy = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 #: GenMD4's lower time limit t1: the diffusion integral runs over [t1, 1].
 GENMD4_T1 = 1e-3
@@ -137,6 +139,7 @@ def md4_loss_terms(
     generator: torch.Generator | None = None,
     antithetic: bool = True,
     vocab_size: int | None = None,
+    cross_entropy: MaskedCrossEntropy | None = None,
 ) -> dict[str, Tensor]:
     """MD4 negative ELBO terms, one Monte Carlo draw per sequence (nats per sequence, (B,)).
 
@@ -153,6 +156,11 @@ def md4_loss_terms(
     Returns a dict with ``diffusion``, ``reconstruction``, ``prior``, ``nelbo`` (their sum), and
     ``t`` (the times drawn) and ``num_masked`` for logging. ``vocab_size`` defaults to the
     denoiser's output width.
+
+    ``cross_entropy(z, t, x, masked) -> (B, *S)`` replaces "call the denoiser, then
+    :func:`masked_cross_entropy`" when given: :class:`maskdiff.model.MaskedDiffusion` passes one
+    that applies the output head to the masked positions only, in chunks
+    (:mod:`maskdiff.cross_entropy`). It must return the same values.
     """
     _check_inputs(x)
     batch = x.shape[0]
@@ -165,8 +173,11 @@ def md4_loss_terms(
     v_known = _infer_vocab_size(denoiser, x, schedule, vocab_size)
     z = forward_sample(x, t, schedule, mask_id=v_known, generator=generator)
     masked = z == v_known
-    logits = _call_denoiser(denoiser, z, t.float(), v_known)
-    ce = masked_cross_entropy(logits, x, masked)  # (B, *S)
+    if cross_entropy is None:
+        logits = _call_denoiser(denoiser, z, t.float(), v_known)
+        ce = masked_cross_entropy(logits, x, masked)  # (B, *S)
+    else:
+        ce = cross_entropy(z, t.float(), x, masked)  # (B, *S)
 
     if num_steps is None:
         weight = schedule.weight(t, x)  # (B, *S), float64 for scalar schedules

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskdiff.losses import genmd4_losses, md4_loss_terms
+from maskdiff.cross_entropy import linear_cross_entropy
+from maskdiff.losses import MaskedCrossEntropy, genmd4_losses, md4_loss_terms
 from maskdiff.network import Transformer, TransformerConfig
 from maskdiff.schedules import GenMD4Schedule, Schedule, get_schedule
 
@@ -34,6 +35,10 @@ class MaskedDiffusion(nn.Module):
         schedule: a scalar schedule (MD4) or a :class:`GenMD4Schedule` (registered as a submodule).
         method: ``"md4"``, ``"genmd4"`` or ``"ar"``.
         t1: GenMD4's lower time limit. antithetic: stratified time sampling across the batch.
+        label_dropout: probability of training a class-conditional network without its label.
+        chunked_loss: MD4's cross-entropy through the head at masked positions only, in chunks
+            (:mod:`maskdiff.cross_entropy`; same values, a fraction of the memory). False computes
+            the full (B, L, V) logits first (the reference path).
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class MaskedDiffusion(nn.Module):
         t1: float = 1e-3,
         antithetic: bool = True,
         label_dropout: float = 0.0,
+        chunked_loss: bool = True,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -61,6 +67,8 @@ class MaskedDiffusion(nn.Module):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         self.label_dropout = label_dropout
+        # MD4's loss applies the head to masked positions only, chunked (False: full logits).
+        self.chunked_loss = chunked_loss
         # A learnable (nn.Module) schedule is registered as a submodule and trains with the network.
         self.schedule = schedule
 
@@ -72,21 +80,48 @@ class MaskedDiffusion(nn.Module):
         """The network as a denoiser callable (logits in float32)."""
         return self.network(z, t).float()
 
-    def _conditioned(self, labels: Tensor | None, generator: torch.Generator | None) -> Any:
-        """The network as a denoiser, with class labels bound (dropped to "no label" with
-        probability ``label_dropout`` while training, for classifier-free guidance)."""
+    def _training_labels(self, labels: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
+        """Labels dropped to "no label" with probability ``label_dropout`` while training (for
+        classifier-free guidance); None stays None."""
+        if labels is None or not (self.training and self.label_dropout > 0):
+            return labels
+        device = generator.device if generator is not None else labels.device
+        u = torch.rand(labels.shape, generator=generator, device=device).to(labels.device)
+        return torch.where(u < self.label_dropout, torch.full_like(labels, self.network.null_label), labels)
+
+    @staticmethod
+    def _labels_for(labels: Tensor | None, batch: int) -> Tensor | None:
+        """Labels for a batch of ``batch`` rows (GenMD4 evaluates two masked copies per sequence)."""
+        if labels is None:
+            return None
+        repeat = batch // labels.shape[0]
+        return labels.repeat(repeat) if repeat > 1 else labels
+
+    def _conditioned(self, labels: Tensor | None) -> Any:
+        """The network as a denoiser ``(z, t) -> logits`` with class labels bound."""
         if labels is None:
             return self.network
-        if self.training and self.label_dropout > 0:
-            device = generator.device if generator is not None else labels.device
-            u = torch.rand(labels.shape, generator=generator, device=device).to(labels.device)
-            labels = torch.where(u < self.label_dropout, torch.full_like(labels, self.network.null_label), labels)
 
         def denoiser(z: Tensor, t: Tensor) -> Tensor:
-            repeat = z.shape[0] // labels.shape[0]  # GenMD4 evaluates two masked copies per sequence
-            return self.network(z, t, labels=labels.repeat(repeat) if repeat > 1 else labels)
+            return self.network(z, t, labels=self._labels_for(labels, z.shape[0]))
 
         return denoiser
+
+    def _chunked_cross_entropy(self, labels: Tensor | None) -> MaskedCrossEntropy:
+        """Masked cross-entropy that applies the output head to masked positions only, in chunks
+        (:mod:`maskdiff.cross_entropy`): same values as logits + ``masked_cross_entropy``, without
+        the (B, L, V) logits."""
+
+        def cross_entropy(z: Tensor, t: Tensor, x: Tensor, masked: Tensor) -> Tensor:
+            hidden = self.network(z, t, labels=self._labels_for(labels, z.shape[0]), return_hidden=True)
+            ce = torch.zeros(x.shape, dtype=torch.float32, device=hidden.device)
+            selected = hidden[masked]  # (N, D): masked positions only
+            if selected.shape[0] == 0:
+                return ce + 0.0 * (hidden.sum() + self.network.head_weight.sum())  # every parameter stays in the graph (DDP)
+            values = linear_cross_entropy(selected, self.network.head_weight, x[masked].long())  # (N,)
+            return ce.masked_scatter(masked, values)
+
+        return cross_entropy
 
     def forward(
         self,
@@ -100,7 +135,8 @@ class MaskedDiffusion(nn.Module):
         ``labels`` (B,) condition a class-conditional network.
         """
         length = x.shape[1]
-        network = self._conditioned(labels, generator)
+        labels = self._training_labels(labels, generator)
+        network = self._conditioned(labels)
         if self.method == "ar":
             if labels is not None:
                 raise ValueError("the autoregressive baseline takes no labels")
@@ -115,7 +151,8 @@ class MaskedDiffusion(nn.Module):
             terms["loss"] = terms["surrogate"].mean() / length
             return terms
         terms = md4_loss_terms(network, x, self.schedule, num_steps=num_steps, generator=generator,
-                               antithetic=self.antithetic, vocab_size=self.vocab_size)
+                               antithetic=self.antithetic, vocab_size=self.vocab_size,
+                               cross_entropy=self._chunked_cross_entropy(labels) if self.chunked_loss else None)
         terms["loss"] = terms["nelbo"].mean() / length
         return terms
 

@@ -56,6 +56,14 @@ _INIT_STD = 0.02
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def _may_sync() -> bool:
+    """Whether input checks may read values back to the host: not while torch.compile traces
+    (data-dependent branches) nor while a CUDA graph is being captured (syncs are illegal)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
@@ -411,8 +419,8 @@ class Transformer(nn.Module):
             raise ValueError(f"z must have shape (B, L) with L >= 1, got {tuple(z.shape)}")
         if z.shape[1] > self.seq_len:
             raise ValueError(f"sequence length {z.shape[1]} exceeds the model's seq_len {self.seq_len}")
-        # One host sync per call; skipped while torch.compile traces (data-dependent branch).
-        if not torch.compiler.is_compiling() and z.numel() and bool(((z < 0) | (z > self.mask_id)).any()):
+        # One host sync per call; skipped while torch.compile traces or a CUDA graph is captured.
+        if _may_sync() and z.numel() and bool(((z < 0) | (z > self.mask_id)).any()):
             raise ValueError(
                 f"token ids must lie in [0, {self.mask_id}] (vocab_size={self.vocab_size}, mask id "
                 f"{self.mask_id}), got range [{int(z.min())}, {int(z.max())}]"
@@ -448,13 +456,25 @@ class Transformer(nn.Module):
         labels = torch.as_tensor(labels, device=device).long()
         if tuple(labels.shape) != (batch,):
             raise ValueError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
-        if not torch.compiler.is_compiling() and labels.numel() and (
+        if _may_sync() and labels.numel() and (
             int(labels.min()) < 0 or int(labels.max()) > self.null_label
         ):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = no label)")
         return self.label_emb(labels)[:, None, :]  # (B, 1, D)
 
-    def forward(self, z: Tensor, t: Tensor | float | None = None, labels: Tensor | None = None) -> Tensor:
+    @property
+    def head_weight(self) -> Tensor:
+        """The output head's weight (V, D): the head itself or, tied, the first V embedding rows."""
+        return self.tok_emb.weight[: self.vocab_size] if self.head is None else self.head.weight
+
+    def forward(
+        self,
+        z: Tensor,
+        t: Tensor | float | None = None,
+        labels: Tensor | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> Tensor:
         """Logits over the clean tokens.
 
         Args:
@@ -464,8 +484,13 @@ class Transformer(nn.Module):
             labels: (B,) class ids for a class-conditional model (``num_classes`` = no label;
                 None means no label for every sequence).
 
+            return_hidden: return the final hidden states (B, L, D) (after the last norm and its
+                modulation) instead of the logits; ``hidden @ head_weight.T`` are the logits. The
+                memory-lean loss applies the head to masked positions only
+                (:func:`maskdiff.cross_entropy.linear_cross_entropy`).
+
         Returns:
-            (B, L, V) logits in the compute dtype.
+            (B, L, V) logits in the compute dtype (or (B, L, D) hidden states).
         """
         z = self._check_tokens(z)
         B, L = z.shape
@@ -486,6 +511,8 @@ class Transformer(nn.Module):
         if self.final_modulation is not None:
             shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # 2 × (B, 1, D)
             x = modulate(x, shift, scale)
+        if return_hidden:
+            return x  # (B, L, D)
         if self.head is None:
             return F.linear(x, self.tok_emb.weight[: self.vocab_size])  # (B, L, V)
         return self.head(x)  # (B, L, V)
