@@ -25,7 +25,10 @@ __all__ = [
     "get_preset",
     "apply_overrides",
     "config_from_dict",
+    "PARALLEL_MODES",
 ]
+
+PARALLEL_MODES = ("ddp", "fsdp")  # values of train.parallel
 
 
 @dataclass
@@ -101,6 +104,10 @@ class TrainConfig:
     save_every: int = 5000
     keep_checkpoints: int = 2
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    # Data parallelism under torchrun (no effect with one process): "ddp" replicates the model on
+    # every process; "fsdp" shards parameters, gradients and optimiser state across processes
+    # (FSDP2, for models that do not fit one device). Same results and checkpoints either way.
+    parallel: str = "ddp"  # ddp | fsdp
 
 
 @dataclass
@@ -147,6 +154,8 @@ class RunConfig:
             raise ValueError("model.class_conditional is for diffusion models, not the AR baseline")
         if t.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+        if t.parallel not in PARALLEL_MODES:
+            raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {t.parallel!r}")
         return self
 
 

@@ -88,6 +88,15 @@ def evaluate_images(
                             **kwargs)
 
 
+def _is_sharded(model: Any) -> bool:
+    """Whether ``model`` is an FSDP2 (``fully_shard``) module, whose forward is a collective."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def evaluate_batches(
     model: Any,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
@@ -103,7 +112,13 @@ def evaluate_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """The loop behind :func:`evaluate_nelbo` and :func:`evaluate_images`: batches of (x, labels)."""
+    """The loop behind :func:`evaluate_nelbo` and :func:`evaluate_images`: batches of (x, labels).
+
+    Rank r of ``world_size`` evaluates batches r, r + world_size, ... (every rank iterates all
+    batches). A model sharded with FSDP (``fully_shard``) gathers its parameters in every forward,
+    a collective: ranks with one batch fewer then run matching forward passes on a batch they
+    skipped and discard them, so that all ranks make the same number of calls.
+    """
     if num_time_draws < 1:
         raise ValueError(f"num_time_draws must be at least 1, got {num_time_draws}")
     device = torch.device(device)
@@ -121,9 +136,15 @@ def evaluate_batches(
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
+    lockstep = world_size > 1 and _is_sharded(model)
+    spare: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a batch for lock-step padding
+    seen = 0
     for index, (x, labels) in enumerate(batches):
+        seen = index + 1
         if bar is not None:
             bar.update(1)
+        if lockstep and spare is None:
+            spare = (x, labels)
         if index % world_size != rank:
             continue
         generator.manual_seed(seed * 1_000_003 + index)  # each batch's draws independent of the split order
@@ -142,6 +163,13 @@ def evaluate_batches(
             within_var.append((stacked.var(0, unbiased=True) / num_time_draws).cpu())
     if bar is not None:
         bar.close()
+    if lockstep and spare is not None:
+        missing = math.ceil(seen / world_size) - len(range(rank, seen, world_size))  # 0 or 1
+        x, labels = spare
+        extra = {} if labels is None else {"labels": labels.to(device)}
+        for _ in range(missing * num_time_draws):
+            with autocast:
+                model(x.to(device), generator=generator, num_steps=num_steps, **extra)  # result unused
     values = torch.cat(per_chunk) if per_chunk else torch.zeros(0, dtype=torch.float64)
     # Sufficient statistics, summed over ranks: n, Σv, Σv², Σ within-chunk variance, terms.
     stats = torch.tensor(

@@ -10,6 +10,25 @@ its diffusion times/masks from its own two generators. DDP ranks and accumulatio
 therefore interchangeable: two processes with ``grad_accum=1`` compute the same step as one
 process with ``grad_accum=2`` (up to float summation order). Every generator state is
 checkpointed, so a resumed run continues bit for bit.
+
+Data parallelism under ``torchrun`` (``WORLD_SIZE > 1``; rendezvous, ranks and devices come from
+torchrun's environment, so the same command works on one node or many) has two modes,
+``train.parallel``:
+
+* ``ddp`` (default): every process holds the whole model, optimiser state and EMA; gradients are
+  all-reduced (``DistributedDataParallel``).
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on each transformer block and then on
+  the whole :class:`MaskedDiffusion`. Parameters, gradients, AdamW moments and the EMA are
+  sharded over the processes (each holds ~1/world of them); a block's parameters are gathered
+  only while it runs. For models whose weights and optimiser state do not fit one device. On CUDA
+  with bf16 the gathered parameters are bf16 and gradients are reduced in float32; the sharded
+  master weights stay float32. The model is built (from the run seed, identically on every
+  process) on the CPU and moved to the device one sharded unit at a time, so no device ever
+  holds all of it.
+
+Both modes compute the same steps and write the same checkpoints: full, unsharded state dicts
+written by rank 0, which load on one process (``maskdiff.load``, ``maskdiff eval``/``sample``)
+and resume under either mode or none.
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from maskdiff.checkpoint import (
+    Checkpoint,
     environment_info,
     load_checkpoint,
     prepare_run_folder,
@@ -44,6 +64,7 @@ from maskdiff.ema import EMA
 from maskdiff.evaluate import evaluate_images, evaluate_nelbo
 from maskdiff.metrics import LN2
 from maskdiff.model import MaskedDiffusion, build_model
+from maskdiff.network import Transformer
 
 __all__ = ["Trainer", "train", "learning_rate", "resolve_device", "load_data"]
 
@@ -169,12 +190,17 @@ class Trainer:
         }
 
         # Model, optimiser, EMA. Parameters are initialised from the run seed on every rank alike.
+        # With FSDP the model is sharded first: the EMA and the optimiser must hold the shards
+        # (DTensors), not the full parameters that fully_shard replaces.
+        self.fsdp = self.dist.world_size > 1 and cfg.train.parallel == "fsdp"
+        self.autocast_dtype = self._autocast_dtype()
         torch.manual_seed(_stream_seed(cfg.train.seed, 0, 0))
-        self.model: MaskedDiffusion = build_model(
+        model = build_model(
             cfg, self.vocab_size,
             image_shape=self.data.shape if self.is_image else None,
             num_classes=self.data.num_classes if self.is_image else 0,
-        ).to(self.device)
+        )
+        self.model: MaskedDiffusion = self._shard(model) if self.fsdp else model.to(self.device)
         self.use_labels = self.is_image and cfg.model.class_conditional
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         fused = self.device.type == "cuda"
@@ -198,12 +224,37 @@ class Trainer:
             self.model.network.compile()
         self.ddp = (
             nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.dist.world_size > 1 else None
+            if self.dist.world_size > 1 and not self.fsdp else None
         )
-        self.autocast_dtype = self._autocast_dtype()
         self._tb = self._tensorboard()
 
     # -- set-up helpers -------------------------------------------------------------------------
+
+    def _shard(self, model: MaskedDiffusion) -> MaskedDiffusion:
+        """FSDP2: shard each transformer block, then the root (embeddings, head, schedule, rest).
+
+        Per-block units let a block's parameters be gathered just before it runs and freed after,
+        so peak memory is the shards plus about one full block. The root unit makes the model
+        itself the module the trainer calls (``fully_shard`` changes its class in place). The
+        mesh spans all processes (one dimension: pure data-parallel sharding); it is built from
+        the process group torchrun set up, on one node or many.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        if self.device.type == "cuda" and self.autocast_dtype == torch.bfloat16:
+            # Gathered parameters in bf16 for compute, gradients reduced in float32; the sharded
+            # parameters the optimiser updates stay float32.
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()  # float32 throughout (CPU, or train.dtype=fp32)
+        for block in model.network.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        # The model is still on the CPU here; fully_shard moves only this process's shards to
+        # the mesh's device.
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        return model
 
     def _autocast_dtype(self) -> torch.dtype | None:
         want = self.config.train.dtype
@@ -247,8 +298,55 @@ class Trainer:
             merged.update(part)
         return merged
 
+    def _state_options(self, **kwargs: bool) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, **kwargs)
+
+    def _full_model_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """(model, EMA) state of the sharded model as full CPU tensors, on rank 0 only.
+
+        These are gathers, so every rank must call this; the other ranks get empty dicts.
+        """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        # cpu_offload: the full tensors land in rank 0's host memory, nowhere else.
+        model = get_model_state_dict(self.model, options=self._state_options(cpu_offload=True))
+        ema = self.ema.full_state_dict(keep=self.dist.is_main) if self.ema else None
+        return (model, ema) if self.dist.is_main else ({}, None)
+
+    def _full_optimizer_state(self) -> dict[str, Any]:
+        """AdamW state of the sharded model, full and in ``optimizer.state_dict()`` layout, on
+        rank 0 only (every rank must call this).
+
+        It comes back keyed by parameter name and is re-keyed by position, the layout DDP and
+        single-process runs write, so that any run can resume it.
+        """
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._state_options(cpu_offload=True))
+        if not self.dist.is_main:
+            return {}
+        position = {name: i for i, name in enumerate(self._param_names())}
+        return {
+            "state": {position[name]: value for name, value in optim["state"].items()},
+            "param_groups": [{**g, "params": [position[name] for name in g["params"]]} for g in optim["param_groups"]],
+        }
+
+    def _param_names(self) -> list[str]:
+        """Parameter names in the optimiser's order (it was built from ``model.parameters()``)."""
+        return [name for name, _ in self.model.named_parameters()]
+
     def save(self) -> None:
+        """Write a checkpoint (rank 0 writes; every rank takes part in the gathers)."""
         rng = self._rng_state()
+        if self.fsdp:
+            model_state, ema_state = self._full_model_state()
+            optim_state = self._full_optimizer_state()
+        elif self.dist.is_main:
+            model_state = self.model.state_dict()
+            ema_state = self.ema.state_dict() if self.ema else None
+            optim_state = self.optimizer.state_dict()
         if not self.dist.is_main:
             self._barrier()
             return
@@ -262,27 +360,28 @@ class Trainer:
         }
         save_checkpoint(
             self.out_dir, self.step,
-            model=self.model.state_dict(),
-            ema=self.ema.state_dict() if self.ema else None,
-            optimizer=self.optimizer.state_dict(),
+            model=model_state, ema=ema_state, optimizer=optim_state,
             rng=rng, state=state, keep=cfg.train.keep_checkpoints,
         )
         self._barrier()
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.out_dir, device=str(self.device))
+        if self.fsdp:
+            ckpt = self._restore_sharded()
+        else:
+            ckpt = load_checkpoint(self.out_dir, device=str(self.device))
+            self.model.load_state_dict(ckpt.model)
+            if self.ema is not None and ckpt.ema is not None:
+                self.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
+            if ckpt.optimizer is not None:
+                self.optimizer.load_state_dict(ckpt.optimizer)
         st = ckpt.state
-        if st["world_size"] * st["grad_accum"] != self.n_streams:
+        if st["world_size"] * st["grad_accum"] != self.n_streams and self.dist.is_main:
             print(
                 f"warning: the checkpoint used world_size × grad_accum = {st['world_size']} × {st['grad_accum']}, "
                 f"this run {self.dist.world_size} × {self.config.train.grad_accum}: training continues, but not "
                 f"on the exact same data order", file=sys.stderr,
             )
-        self.model.load_state_dict(ckpt.model)
-        if self.ema is not None and ckpt.ema is not None:
-            self.ema.load_state_dict(ckpt.ema, st["ema_updates"])
-        if ckpt.optimizer is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer)
         for k in self.my_streams:
             if f"data.{k}" in ckpt.rng:
                 self.data_gens[k].set_state(ckpt.rng[f"data.{k}"])
@@ -298,6 +397,50 @@ class Trainer:
         self.elapsed = float(st.get("elapsed_s", 0.0))
         if self.dist.is_main:
             print(f"resumed {self.out_dir} at step {self.step} from {ckpt.path.name}", file=sys.stderr)
+
+    def _restore_sharded(self) -> Checkpoint:
+        """Load the latest (full) checkpoint into the sharded model, EMA and optimiser.
+
+        Only rank 0 reads the files (into host memory); the tensors are scattered from it
+        (``broadcast_from_rank0``), and the small parts (step counters, RNG streams) are sent as
+        objects, so the other ranks never hold a full copy and need not see the run folder.
+        Returns the checkpoint with its tensors on rank 0 only (``state`` and ``rng`` on all).
+        """
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        ckpt: Checkpoint | None = None
+        header: list[Any] = [None]
+        if self.dist.is_main:
+            try:
+                ckpt = load_checkpoint(self.out_dir, device="cpu")
+                missing = self.ema.missing(ckpt.ema) if self.ema is not None and ckpt.ema is not None else []
+                header[0] = {"path": str(ckpt.path), "state": ckpt.state, "rng": ckpt.rng,
+                             "ema": ckpt.ema is not None, "optimizer": ckpt.optimizer is not None,
+                             "error": f"EMA state lacks parameters {missing[:5]}" if missing else None}
+            except Exception as exc:  # tell the other ranks instead of leaving them waiting
+                header[0] = {"error": f"{type(exc).__name__}: {exc}"}
+        dist.broadcast_object_list(header, src=0)
+        info = header[0]
+        if info["error"]:
+            raise RuntimeError(f"cannot resume {self.out_dir}: {info['error']}")
+        opts = self._state_options(broadcast_from_rank0=True)
+        set_model_state_dict(self.model, ckpt.model if ckpt else {}, options=opts)
+        if self.ema is not None and info["ema"]:
+            self.ema.load_full_state_dict(ckpt.ema if ckpt else None, info["state"]["ema_updates"])
+        if info["optimizer"]:
+            optim: dict[str, Any] = {}
+            if ckpt is not None and ckpt.optimizer is not None:
+                # Checkpoints key the optimiser state by position; the loader wants names.
+                names = self._param_names()
+                optim = {
+                    "state": {names[int(i)]: v for i, v in ckpt.optimizer["state"].items()},
+                    "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                                     for g in ckpt.optimizer["param_groups"]],
+                }
+            set_optimizer_state_dict(self.model, self.optimizer, optim, options=opts)
+        if ckpt is None:
+            ckpt = Checkpoint(Path(info["path"]), {}, None, None, info["rng"], info["state"])
+        return ckpt
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -328,8 +471,14 @@ class Trainer:
         accum = cfg.train.grad_accum
         for a, k in enumerate(self.my_streams):
             x, labels = self._batch(k)
-            sync = self.ddp is None or a == accum - 1
-            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[union-attr]
+            if self.fsdp:
+                # Reduce-scatter gradients only after the last micro-batch (DDP's no_sync);
+                # until then each rank accumulates unsharded gradients locally.
+                self.model.set_requires_gradient_sync(a == accum - 1)  # type: ignore[operator]
+                ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+            else:
+                sync = self.ddp is None or a == accum - 1
+                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[union-attr]
             with ctx:
                 with self._autocast():
                     extra = {"labels": labels} if labels is not None else {}
@@ -337,7 +486,17 @@ class Trainer:
                 (terms["loss"] / accum).backward()
             nelbo_sum += float(terms["nelbo"].detach().mean()) / accum
             loss_sum += float(terms["loss"].detach()) / accum
-        if cfg.optim.grad_clip > 0:
+        if self.fsdp:
+            from torch.distributed.tensor import DTensor
+
+            # Norms of sharded gradients are DTensors; the global norm comes back replicated.
+            params = list(self.model.parameters())
+            if cfg.optim.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        elif cfg.optim.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([
@@ -374,12 +533,29 @@ class Trainer:
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[MaskedDiffusion]:
-        """The model with EMA weights loaded (raw weights when the EMA is off)."""
+        """The model with EMA weights loaded (raw weights when the EMA is off).
+
+        Under FSDP the model is sharded: forward passes inside are collectives (every rank must
+        make the same calls), and the EMA is swapped in shard by shard.
+        """
         if self.ema is None:
-            yield self.model
+            try:
+                yield self.model
+            finally:
+                self._reshard()
         else:
             with self.ema.applied(self.model) as m:
-                yield m
+                try:
+                    yield m
+                finally:
+                    # Before the raw weights are copied back: they must go into the shards.
+                    self._reshard()
+
+    def _reshard(self) -> None:
+        """FSDP keeps the root's parameters gathered after a forward without backward (it
+        expects the backward next); put the shards back so that parameters() are the shards."""
+        if self.fsdp:
+            self.model.reshard()  # type: ignore[operator]
 
     def validate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation bits per token with EMA weights, a fixed seed, split over the ranks."""
@@ -450,19 +626,42 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        if self.dist.is_main:
-            with self.averaged_weights() as model:
-                model.network.save_pretrained(self.out_dir / "pretrained")
+        self._save_pretrained()
         self._barrier()
         return last_val
 
+    def _save_pretrained(self) -> None:
+        """The EMA (or raw) denoiser in ``save_pretrained`` form, written by rank 0."""
+        if not self.fsdp:
+            if self.dist.is_main:
+                with self.averaged_weights() as model:
+                    model.network.save_pretrained(self.out_dir / "pretrained")
+            return
+        # Sharded: gather full tensors (all ranks), then rank 0 fills an unsharded copy of the
+        # network, created on the meta device so that only the gathered tensors take memory.
+        state, ema = self._full_model_state()
+        if not self.dist.is_main:
+            return
+        state.update(ema or {})  # the EMA holds every parameter; buffers come from the raw state
+        prefix = "network."
+        with torch.device("meta"):
+            network = Transformer(self.model.network.config)
+        network.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                strict=True, assign=True)
+        network.save_pretrained(self.out_dir / "pretrained")
+
     def close(self) -> None:
-        """Release the process group safely (DDP model and optimiser first; see gloo note)."""
+        """Release the process group safely: drop everything that holds communication state
+        first (DDP wrapper, or the sharded model, EMA and optimiser under FSDP; with gloo a
+        process group destroyed under live users sometimes crashes), then barrier, destroy."""
         if self._tb is not None:
             self._tb.close()
         if dist.is_initialized():
             self.ddp = None
             self.optimizer = None  # type: ignore[assignment]
+            if self.fsdp:
+                self.model = None  # type: ignore[assignment]
+                self.ema = None
             gc.collect()
             dist.barrier()
             dist.destroy_process_group()
