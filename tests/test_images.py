@@ -34,7 +34,6 @@ from maskdiff.images import (
     fid,
     frechet_distance,
     histogram_bits_per_dim,
-    image_grid,
     save_grid,
     tokens_to_rgb,
     unmasking_strip,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from maskdiff.checkpoint import RunFolderError, latest_checkpoint, load
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.data import TokenSplits, load_corpus
-from maskdiff.trainer import Trainer, learning_rate, train
+from maskdiff.trainer import Trainer, learning_rate
 
 TINY = [
     "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "data.seq_len=32",

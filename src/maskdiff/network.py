@@ -23,13 +23,10 @@ ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from maskdiff.fileio import atomic_path
 
 __all__ = [
     "TransformerConfig",
@@ -572,8 +571,10 @@ class Transformer(nn.Module):
         config = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.config.to_dict()}
         config_text = json.dumps(config, indent=2) + "\n"
         metadata = {"format": "pt"}  # what Hugging Face tooling expects of PyTorch safetensors files
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        with atomic_path(directory / CONFIG_NAME) as tmp:
+            tmp.write_text(config_text)
         return directory
 
     @classmethod
@@ -628,17 +629,3 @@ class Transformer(nn.Module):
             raise ValueError(f"{weights_path} does not match {config_path}: {shown}")
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

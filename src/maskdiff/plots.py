@@ -15,15 +15,15 @@ the global backend), and written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from maskdiff.fileio import atomic_path
 
 __all__ = [
     "plot_training_curves",
@@ -169,16 +169,8 @@ def _save(fig: Any, out_png: str | os.PathLike) -> Path:
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; give a file name ending in .png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png.tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return out
 
 

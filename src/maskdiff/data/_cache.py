@@ -1,17 +1,18 @@
-"""On-disk cache helpers: cache directory, atomic writes, content hashing."""
+"""On-disk cache helpers: cache directory, content hashing, atomic writes (from maskdiff.fileio)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
+
+from maskdiff.fileio import atomic_write, write_json_atomic
+
+__all__ = ["default_cache_dir", "atomic_write", "save_npy_atomic", "save_json_atomic", "sha256_file", "hash_key"]
 
 CACHE_ENV = "MASKDIFF_CACHE"
 
@@ -29,28 +30,6 @@ def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path("~/.cache/maskdiff").expanduser()
 
 
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[IO[bytes]]:
-    """Open a temporary sibling of ``path`` for binary writing; on success, move it into place.
-
-    The rename is atomic (``os.replace``), so readers see either no file or a complete one,
-    and concurrent writers (e.g. several DDP ranks) cannot leave a torn file. On error the
-    temporary file is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` to ``path`` atomically."""
     with atomic_write(path) as f:
@@ -59,8 +38,7 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 def save_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as pretty JSON to ``path`` atomically."""
-    with atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+    write_json_atomic(path, obj, sort_keys=True)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
