@@ -227,3 +227,15 @@ def test_cli_rejects_unknown_keys_and_prints_config(capsys):
 def test_load_rejects_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(RunFolderError, match="not a run folder"):
         load(tmp_path)
+
+
+def test_resume_with_more_steps_records_the_config_change(tmp_path, wiki_small):
+    """Extending a finished run (--resume --set train.steps=N) trains on, and config.json says so
+    while the previous config is kept."""
+    out = tmp_path / "run"
+    run_trainer(tiny_config("train.steps=2", "train.save_every=2"), out, wiki_small)
+    longer = tiny_config("train.steps=4", "train.save_every=2")
+    trainer = run_trainer(longer, out, wiki_small, resume=True)
+    assert trainer.step == 4
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 4
+    assert json.loads((out / "config.before-step-2.json").read_text())["train"]["steps"] == 2

@@ -342,8 +342,8 @@ def _mnist_md4() -> RunConfig:
         model=ModelConfig(n_layers=3, d_model=128, n_heads=4, class_conditional=True),
         diffusion=DiffusionConfig(method="md4", schedule="linear"),
         optim=OptimConfig(lr=2e-3, warmup_steps=100, ema_decay=0.995),
-        train=TrainConfig(steps=1200, batch_size=16, log_every=10, eval_every=300, eval_batches=4,
-                          save_every=300),
+        train=TrainConfig(steps=2400, batch_size=16, log_every=10, eval_every=600, eval_batches=4,
+                          save_every=600),
     )
 
 

@@ -212,6 +212,8 @@ class Trainer:
         self.elapsed = 0.0
         if resume:
             self._restore()
+            if self.dist.is_main:
+                self._record_config_change()
         elif self.dist.is_main:
             write_json_atomic(self.out_dir / "config.json", cfg.to_dict())
             write_json_atomic(self.out_dir / "network.json", self.model.network.config.to_dict())
@@ -396,6 +398,32 @@ class Trainer:
         self.elapsed = float(st.get("elapsed_s", 0.0))
         if self.dist.is_main:
             print(f"resumed {self.out_dir} at step {self.step} from {ckpt.path.name}", file=sys.stderr)
+
+    def _record_config_change(self) -> None:
+        """A run resumed with ``--set`` overrides (e.g. more steps): keep config.json true.
+
+        The previous config is kept as ``config.before-step-<N>.json`` and the changed keys are
+        printed, so the run folder says what each stretch of training used.
+        """
+        path = self.out_dir / "config.json"
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = None
+        after = self.config.to_dict()
+        if before == after:
+            return
+        changed = sorted(
+            f"{section}.{key}"
+            for section, values in after.items() if isinstance(values, dict)
+            for key in values
+            if not isinstance(before, dict) or before.get(section, {}).get(key) != values[key]
+        )
+        if before is not None:
+            write_json_atomic(self.out_dir / f"config.before-step-{self.step}.json", before)
+        write_json_atomic(path, after)
+        print(f"note: resumed with a changed config ({', '.join(changed) or 'name'}); the previous one is "
+              f"kept as config.before-step-{self.step}.json", file=sys.stderr)
 
     def _restore_sharded(self) -> Checkpoint:
         """Load the latest (full) checkpoint into the sharded model, EMA and optimiser.
