@@ -70,7 +70,10 @@ def test_cuda_graph_matches_eager_bf16() -> None:
         # Same bf16 arithmetic; cuBLAS may pick other kernels under capture, so not always bitwise.
         torch.testing.assert_close(fast(z, t), eager(z, t), rtol=1e-2, atol=1e-2)
         with torch.no_grad():
-            torch.testing.assert_close(fast(z, t), net(z, t).float(), rtol=2e-2, atol=2e-2)  # bf16 vs fp32
+            ref = net(z, t).float()
+        # bf16 weights and activations vs fp32: within a few percent of the logits' scale (a wrong
+        # buffer or a stale replay would be off by the scale itself).
+        assert float((fast(z, t) - ref).abs().max()) < 0.05 * float(ref.abs().max())
     assert fast.replays == 6 and fast.eager_calls == 0
     out = fast(torch.full((2, 32), 11, device="cuda"), torch.ones(2, device="cuda"))  # other shape: eager
     assert out.shape == (2, 32, 11) and fast.eager_calls == 1
