@@ -142,10 +142,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_file_name(split: str, *, steps: int | None = None, seed: int = 0, draws: int = 1) -> str:
+    """``eval-<split>[-T<T>][-seed<S>][-K<K>].json``: results of other settings never replace the
+    default ``eval-<split>.json``."""
+    suffix = (f"-T{steps}" if steps else "") + (f"-seed{seed}" if seed else "") + (f"-K{draws}" if draws > 1 else "")
+    return f"eval-{split}{suffix}.json"
+
+
 def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = None, seed: int = 0,
              batch_size: int = 64, max_chunks: int | None = None, device: str = "auto",
-             weights: str = "ema", progress: bool = True) -> dict[str, Any]:
-    """Evaluate a run on a split and write ``RUN_DIR/eval-<split>.json``."""
+             weights: str = "ema", progress: bool = True, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate a run on a split and write the result as JSON to ``out`` (default
+    ``RUN_DIR/<eval_file_name(...)>``)."""
     from maskdiff.checkpoint import load, write_json_atomic
     from maskdiff.data import ImageSplits, unigram_entropy_bits
     from maskdiff.evaluate import evaluate_images, evaluate_nelbo
@@ -181,9 +189,8 @@ def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = No
         split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
         corpus=cfg.data.corpus, seconds=time.perf_counter() - t0, **baseline,
     )
-    # Results of other seeds or draw counts get their own file instead of replacing the default one.
-    suffix = (f"-T{steps}" if steps else "") + (f"-seed{seed}" if seed else "") + (f"-K{draws}" if draws > 1 else "")
-    write_json_atomic(Path(run_dir) / f"eval-{split}{suffix}.json", result)
+    path = Path(out) if out is not None else Path(run_dir) / eval_file_name(split, steps=steps, seed=seed, draws=draws)
+    write_json_atomic(path, result)
     return result
 
 

@@ -453,43 +453,14 @@ def plot_genmd4_exponents(run_dir: str | os.PathLike, out_png: str | os.PathLike
 # ELBO against the number of steps
 
 
-def _eval_name(split: str, steps: int | None) -> str:
-    return f"eval-{split}" + (f"-T{steps}" if steps else "") + ".json"
+def _eval_name(split: str, steps: int | None, seed: int = 0) -> str:
+    from maskdiff.cli import eval_file_name
+
+    return eval_file_name(split, steps=steps, seed=seed)
 
 
 def _matches(rec: dict[str, Any] | None, want: dict[str, Any]) -> bool:
     return bool(rec) and all(rec.get(k) == v for k, v in want.items())
-
-
-def _evaluate_into(path: Path, run_dir: Path, *, split: str, steps: int | None, seed: int, batch_size: int,
-                   max_chunks: int | None, device: str, progress: bool) -> dict[str, Any]:
-    """What :func:`maskdiff.cli.run_eval` computes, written to ``path`` instead of the run's own file."""
-    import time
-
-    from maskdiff.checkpoint import load, write_json_atomic
-    from maskdiff.cli import _device
-    from maskdiff.data import load_corpus, unigram_entropy_bits
-    from maskdiff.evaluate import evaluate_nelbo
-
-    dev = _device(device)
-    run = load(run_dir, device=dev)
-    cfg = run.config
-    data = load_corpus(cfg.data.corpus, path=cfg.data.path, cache_dir=cfg.data.cache_dir)
-    tokens = data.split(split)
-    autocast = None
-    if dev.startswith("cuda"):
-        import torch
-
-        autocast = torch.bfloat16
-    t0 = time.perf_counter()
-    result = evaluate_nelbo(run.model, tokens, seq_len=cfg.data.seq_len, batch_size=batch_size, num_steps=steps,
-                            seed=seed, max_chunks=max_chunks, device=dev, autocast_dtype=autocast, progress=progress)
-    result.update(split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
-                  corpus=cfg.data.corpus, seconds=time.perf_counter() - t0,
-                  unigram_bits_per_token=unigram_entropy_bits(data.train, tokens, data.vocab_size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
-    return result
 
 
 def elbo_points(
@@ -509,7 +480,7 @@ def elbo_points(
     With ``compute_missing`` every point is made comparable: the same checkpoint, the same
     ``seed`` (so the same time/mask draws, discretised for L_T: a paired comparison) and the same
     first ``max_chunks`` chunks (``None``: the whole split). The run's own
-    ``eval-<split>[-T<T>].json`` is used when it matches; a missing one is computed with
+    ``eval-<split>[-T<T>][-seed<S>].json`` (:func:`maskdiff.cli.eval_file_name`) is used when it matches; a missing one is computed with
     :func:`maskdiff.cli.run_eval` (which writes it); one that exists but does not match (say, a
     whole-split evaluation) is left alone and the matching figure is computed into
     ``RUN_DIR/plots/cache/``. Without ``compute_missing`` whatever exists is returned as it is.
@@ -526,7 +497,7 @@ def elbo_points(
     points: dict[int | None, dict[str, Any]] = {}
     if not compute_missing:
         for s in wanted:
-            rec = _read_json(run_dir / _eval_name(split, s))
+            rec = _read_json(run_dir / _eval_name(split, s, seed))
             if rec is None:
                 cached = sorted(cache.glob(_eval_name(split, s)[:-5] + f"-n*-seed{seed}-step*.json"),
                                 key=lambda p: p.stat().st_mtime)
@@ -550,7 +521,7 @@ def elbo_points(
     want = {"step": step, "seed": seed, "n_sequences": n_chunks, "num_time_draws": 1, "weights": weights,
             "split": split}
     for s in wanted:
-        own = run_dir / _eval_name(split, s)
+        own = run_dir / _eval_name(split, s, seed)
         rec = _read_json(own)
         if _matches(rec, want):
             points[s] = rec
@@ -568,8 +539,10 @@ def elbo_points(
         if not _matches(rec, want):
             print(f"{own.name} was computed differently (another checkpoint, seed or number of sequences); "
                   f"evaluating {n_chunks} chunks into {mine}", file=sys.stderr)
-            rec = _evaluate_into(mine, run_dir, split=split, steps=s, seed=seed, batch_size=batch_size,
-                                 max_chunks=n_chunks, device=device, progress=progress)
+            from maskdiff.cli import run_eval
+
+            rec = run_eval(str(run_dir), split=split, steps=s, seed=seed, batch_size=batch_size,
+                           max_chunks=n_chunks, device=device, progress=progress, out=mine)
         points[s] = rec
     return points
 
