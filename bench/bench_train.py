@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from maskdiff import get_schedule
+from maskdiff.devices import resolve_device
 from maskdiff.model import MaskedDiffusion
 from maskdiff.network import MODEL_PRESETS, Transformer, model_preset
 
@@ -80,14 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
-    return torch.device(name)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -184,7 +177,7 @@ def format_row(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.steps = args.steps or (CUDA_DEFAULT_STEPS if cuda else CPU_DEFAULT_STEPS)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)

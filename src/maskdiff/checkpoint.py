@@ -4,7 +4,7 @@ Layout of a run folder::
 
     RUN/
       config.json          resolved RunConfig
-      network.json         the TransformerConfig (vocabulary size and length included)
+      network.json         the network's config (TransformerConfig or UNetConfig; vocabulary size and length included)
       meta.json            code version (git commit if available), library versions, command
       metrics.jsonl        one JSON object per log line (train and validation)
       checkpoints/
@@ -269,7 +269,7 @@ def load(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.d
     """
     from maskdiff.config import config_from_dict
     from maskdiff.model import MaskedDiffusion, build_schedule
-    from maskdiff.network import Transformer, TransformerConfig
+    from maskdiff.network import build_network, network_config_from_dict
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -278,10 +278,10 @@ def load(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.d
         if not (path / name).is_file():
             raise RunFolderError(f"{path} is not a run folder: {name} is missing (a run folder is made by `maskdiff train`)")
     config = config_from_dict(json.loads((path / "config.json").read_text()))
-    net_cfg = TransformerConfig.from_dict(json.loads((path / "network.json").read_text()))
+    net_cfg = network_config_from_dict(json.loads((path / "network.json").read_text()))
     ckpt = load_checkpoint(path, with_optimizer=False, device=str(device))
     with torch.device("meta"):
-        network = Transformer(net_cfg)
+        network = build_network(net_cfg)
     model = MaskedDiffusion(network, build_schedule(config.diffusion, net_cfg.vocab_size), config.diffusion.method,
                             t1=config.diffusion.t1, antithetic=config.diffusion.antithetic)
     state = dict(ckpt.model)

@@ -105,12 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
+def _device(name: str) -> Any:
+    """The torch device for a ``--device`` value (see :func:`maskdiff.devices.resolve_device`)."""
+    from maskdiff.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(name)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -164,7 +163,7 @@ def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = No
     cfg = run.config
     data = load_data(cfg)
     autocast = None
-    if dev.startswith("cuda"):
+    if dev.type == "cuda":
         import torch
 
         autocast = torch.bfloat16
@@ -275,7 +274,7 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
         fixed = make_fixed(length, prefix=encode(prompt) if prompt else None, suffix=encode(suffix) if suffix else None)
     generator = torch.Generator(device=dev).manual_seed(seed)
     time_agnostic = not model.time_conditioning
-    on_cuda = str(dev).startswith("cuda")
+    on_cuda = dev.type == "cuda"
     if compute == "auto":
         compute = "bf16-graph" if on_cuda else "fp32"
     if compute != "fp32" and not on_cuda:
@@ -317,7 +316,7 @@ def generate_images(run: Any, *, num: int = 16, steps: int = 256, grid: str = "c
     )
 
 
-def _sample_image_run(args: argparse.Namespace, run: Any, dev: str) -> int:
+def _sample_image_run(args: argparse.Namespace, run: Any, dev: Any) -> int:
     import torch
 
     from maskdiff.images import class_grid, save_grid, unmasking_strip

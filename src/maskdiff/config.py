@@ -44,8 +44,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Denoiser size (vocabulary size and sequence length come from the data)."""
+    """Denoiser size (vocabulary size and sequence length come from the data).
 
+    ``architecture="unet"`` (image sets only) builds :class:`maskdiff.unet.UNet`: ``d_model`` is
+    then its base channel width, ``n_heads`` the heads of its middle attention, and the
+    ``unet_*`` fields give its shape; ``n_layers`` and ``mlp_ratio`` are unused."""
+
+    architecture: str = "transformer"  # transformer | unet
     n_layers: int = 3
     d_model: int = 128
     n_heads: int = 4
@@ -55,6 +60,9 @@ class ModelConfig:
     causal: bool = False  # True only for the autoregressive baseline
     class_conditional: bool = False  # label embedding (image sets with labels)
     label_dropout: float = 0.1  # P(label → "no label") in training, for classifier-free guidance
+    unet_channel_mult: str = "1,2,2"  # width multiplier per resolution (comma-separated)
+    unet_res_blocks: int = 2  # residual blocks per resolution
+    unet_attention_layers: int = 1  # self-attention + residual block pairs at the lowest resolution
 
 
 @dataclass
@@ -136,7 +144,18 @@ class RunConfig:
             raise ValueError("diffusion.method=ar has no diffusion time: set model.time_conditioning=false")
         if d.method != "ar" and m.causal:
             raise ValueError("model.causal=true is only for diffusion.method=ar (masked diffusion needs bidirectional attention)")
-        if m.d_model % m.n_heads:
+        if m.architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {m.architecture!r}")
+        if m.architecture == "unet":
+            from maskdiff.data.images import IMAGE_DATASETS
+
+            if self.data.corpus.lower() not in IMAGE_DATASETS:
+                raise ValueError(f"model.architecture=unet is for image data ({', '.join(IMAGE_DATASETS)}); "
+                                 f"data.corpus={self.data.corpus!r} needs model.architecture=transformer")
+            if m.causal:
+                raise ValueError("model.causal=true needs model.architecture=transformer")
+            unet_channel_mult(m)  # raises on a malformed list
+        if m.architecture == "transformer" and m.d_model % m.n_heads:
             raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
         if t.batch_size % t.grad_accum:
             raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
@@ -157,6 +176,21 @@ class RunConfig:
         if t.parallel not in PARALLEL_MODES:
             raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {t.parallel!r}")
         return self
+
+
+ARCHITECTURES = ("transformer", "unet")
+
+
+def unet_channel_mult(model: ModelConfig) -> tuple[int, ...]:
+    """``model.unet_channel_mult`` ("1,2,2") as a tuple of positive integers."""
+    try:
+        mult = tuple(int(v) for v in model.unet_channel_mult.split(","))
+    except ValueError:
+        mult = ()
+    if not mult or min(mult) < 1:
+        raise ValueError(f"model.unet_channel_mult must be comma-separated positive integers such as 1,2,2; "
+                         f"got {model.unet_channel_mult!r}")
+    return mult
 
 
 def _section_classes() -> dict[str, type]:

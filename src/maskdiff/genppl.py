@@ -79,6 +79,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from maskdiff.devices import resolve_device
+
 __all__ = [
     "Scorer",
     "ScorerUnavailable",
@@ -159,12 +161,6 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
         if orig_tqdm is not None:
             gguf_utils.tqdm = orig_tqdm
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _require_transformers() -> None:
@@ -361,7 +357,7 @@ def load_scorer(
     if name not in SCORER_NAMES:
         raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORER_NAMES)}")
     _require_transformers()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if name == "auto":
         if ("gpt2-large", str(dev)) in _LOADED:
@@ -618,7 +614,7 @@ def sample_quality(
     """
     from maskdiff.sampling import sample
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     loaded = _load_run(run, dev)
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
     if cfg.diffusion.method == "ar":
@@ -697,7 +693,7 @@ def reference_quality(
     character-level text8-style data: lower case, no punctuation)."""
     from maskdiff.data import load_corpus
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     loaded = _load_run(run, dev)
     cfg, tok = loaded.config, loaded.tokenizer
     length = length or cfg.data.seq_len
@@ -790,7 +786,7 @@ def cmd_genppl(args: argparse.Namespace) -> int:
     """Run ``maskdiff genppl``: write RUN_DIR/genppl-<precision>.json and print a table."""
     from maskdiff.checkpoint import write_json_atomic
 
-    dev = _resolve_device(args.device)
+    dev = resolve_device(args.device)
     run = _load_run(args.run_dir, dev)
     scorer = load_scorer(args.scorer, dev)
     precisions = ["float64", "float32"] if args.precision == "both" else [args.precision]

@@ -63,7 +63,8 @@ from maskdiff.ema import EMA
 from maskdiff.evaluate import evaluate_images, evaluate_nelbo
 from maskdiff.metrics import LN2
 from maskdiff.model import MaskedDiffusion, build_model
-from maskdiff.network import Transformer
+from maskdiff.devices import resolve_device
+from maskdiff.network import build_network
 
 __all__ = ["Trainer", "train", "learning_rate", "resolve_device", "load_data"]
 
@@ -81,18 +82,6 @@ def learning_rate(step: int, cfg: Any, total_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return dev
 
 
 def load_data(config: RunConfig) -> TokenSplits | ImageSplits:
@@ -232,7 +221,7 @@ class Trainer:
     # -- set-up helpers -------------------------------------------------------------------------
 
     def _shard(self, model: MaskedDiffusion) -> MaskedDiffusion:
-        """FSDP2: shard each transformer block, then the root (embeddings, head, schedule, rest).
+        """FSDP2: shard each block (``network.shard_units()``), then the root (embeddings, head, schedule, rest).
 
         Per-block units let a block's parameters be gathered just before it runs and freed after,
         so peak memory is the shards plus about one full block. The root unit makes the model
@@ -250,7 +239,7 @@ class Trainer:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()  # float32 throughout (CPU, or train.dtype=fp32)
-        for block in model.network.blocks:
+        for block in model.network.shard_units():
             fully_shard(block, mesh=mesh, mp_policy=mp)
         # The model is still on the CPU here; fully_shard moves only this process's shards to
         # the mesh's device.
@@ -672,7 +661,7 @@ class Trainer:
         state.update(ema or {})  # the EMA holds every parameter; buffers come from the raw state
         prefix = "network."
         with torch.device("meta"):
-            network = Transformer(self.model.network.config)
+            network = build_network(self.model.network.config)
         network.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                                 strict=True, assign=True)
         network.save_pretrained(self.out_dir / "pretrained")
