@@ -221,14 +221,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None, steps: int = 256,
+def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = None, steps: int = 256,
                   grid: str = "cosine", sampler: str = "ancestral", top_p: float | None = None,
                   top_k: int | None = None, temperature: float = 1.0, precision: str = "float64",
                   prompt: str | None = None, suffix: str | None = None, infill: str | None = None,
                   gap: str = "___", gap_length: int = 16, seed: int = 0, cache: bool = True,
                   device: str = "auto", progress: bool = True, compute: str = "auto",
-                  ) -> tuple[list[str], dict[str, Any]]:
-    """Sample ``num`` texts from a run folder (or an already loaded run); returns (texts, settings).
+                  ) -> tuple[Any, dict[str, Any], Any]:
+    """Sample ``num`` token sequences from a text run folder (or an already loaded run).
+
+    Returns (tokens (num, length) on the CPU, settings, the loaded run). Bad requests raise
+    ValueError naming the fix (the command line prints them as one line).
 
     ``compute``: ``fp32`` (the network in float32), ``bf16`` (autocast, CUDA), ``bf16-graph``
     (autocast, replayed from a CUDA graph: :class:`maskdiff.graphs.GraphDenoiser`); ``auto`` is
@@ -244,13 +247,13 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
     dev = _device(device)
     run = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir, device=dev)
     if run.model.network.config.image_shape is not None:
-        raise SystemExit("error: this is an image run; `maskdiff sample` writes image grids for it")
+        raise ValueError("this is an image run; `maskdiff sample` writes image grids for it")
     model, cfg, tok = run.model, run.config, run.tokenizer
     if cfg.diffusion.method == "ar":
-        raise SystemExit("error: this run is the autoregressive baseline; `maskdiff sample` draws from diffusion runs")
+        raise ValueError("this run is the autoregressive baseline; `maskdiff sample` draws from diffusion runs")
     length = length or cfg.data.seq_len
     if length > cfg.data.seq_len:
-        raise SystemExit(f"error: --length {length} exceeds the model's sequence length {cfg.data.seq_len}")
+        raise ValueError(f"--length {length} exceeds the model's sequence length {cfg.data.seq_len}")
 
     def encode(text: str) -> list[int]:
         if hasattr(tok, "encode") and cfg.data.corpus in ("wiki-char", "text8"):
@@ -260,7 +263,7 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
     fixed = None
     if infill is not None:
         if prompt or suffix:
-            raise SystemExit("error: use either --infill or --prompt/--suffix, not both")
+            raise ValueError("use either --infill or --prompt/--suffix, not both")
 
         class _Enc:  # the template's text pieces go through the same normalisation as prompts
             def encode(self, text: str) -> list[int]:
@@ -269,7 +272,7 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
         fixed = fixed_from_template(infill, _Enc(), gap=gap, gap_length=gap_length, length=None)
         length = fixed.shape[1]
         if length > cfg.data.seq_len:
-            raise SystemExit(f"error: the infill template needs {length} tokens; the model takes at most {cfg.data.seq_len}")
+            raise ValueError(f"the infill template needs {length} tokens; the model takes at most {cfg.data.seq_len}")
     elif prompt or suffix:
         fixed = make_fixed(length, prefix=encode(prompt) if prompt else None, suffix=encode(suffix) if suffix else None)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -278,7 +281,7 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
     if compute == "auto":
         compute = "bf16-graph" if on_cuda else "fp32"
     if compute != "fp32" and not on_cuda:
-        raise SystemExit(f"error: --compute {compute} needs a CUDA device; use --compute fp32 on {dev}")
+        raise ValueError(f"--compute {compute} needs a CUDA device; use --compute fp32 on {dev}")
     denoiser = model.denoiser if compute == "fp32" else GraphDenoiser(
         model.network, num, length, dtype=torch.bfloat16, use_graph=compute == "bf16-graph")
     tokens = sample(
@@ -287,12 +290,22 @@ def generate_text(run_dir: str | Any, *, num: int = 4, length: int | None = None
         top_k=top_k, top_p=top_p, precision=precision, cache=(cache and time_agnostic), time_agnostic=time_agnostic,
         fixed=fixed, device=dev, progress=progress,
     )
-    texts = [tok.decode(row.tolist()) for row in tokens]
     settings = dict(run=str(run.path), step=run.step, weights=run.weights, steps=steps, grid=grid, sampler=sampler,
                     top_p=top_p, top_k=top_k, temperature=temperature, precision=precision, seed=seed, length=length,
                     prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None,
                     compute=compute)
-    return texts, settings
+    return tokens.cpu(), settings, run
+
+
+def generate_text(run_dir: str | Any, **kwargs: Any) -> tuple[list[str], dict[str, Any]]:
+    """Sample texts from a text run folder (or a loaded run); returns (texts, settings).
+
+    Keyword arguments are those of :func:`generate_tokens` (num, length, steps, grid, sampler,
+    top_p, top_k, temperature, precision, prompt, suffix, infill, gap, gap_length, seed, cache,
+    device, progress, compute).
+    """
+    tokens, settings, run = generate_tokens(run_dir, **kwargs)
+    return [run.tokenizer.decode(row.tolist()) for row in tokens], settings
 
 
 def generate_images(run: Any, *, num: int = 16, steps: int = 256, grid: str = "cosine", labels: Any = None,

@@ -600,7 +600,7 @@ def sample_quality(
     """Draw ``num`` unconditional samples from a run and report their quality.
 
     ``run``: a run folder or a :class:`~maskdiff.checkpoint.LoadedRun`. Sampling is the same
-    call as ``maskdiff sample`` (:func:`maskdiff.cli.generate_text`) with the same seed, so the
+    call as ``maskdiff sample`` (:func:`maskdiff.cli.generate_tokens`, float32 network) with the same seed, so the
     texts are identical to what that command prints; the token ids are kept for the entropy.
     ``scorer``: a :class:`Scorer` or a name for :func:`load_scorer` (loaded on
     ``scorer_device``, default the sampling device).
@@ -612,31 +612,22 @@ def sample_quality(
     settings), ``precision``, ``scorer`` (label), ``num_samples``, ``run``/``step``/``weights``,
     timings, and the sample ``texts``.
     """
-    from maskdiff.sampling import sample
+    from maskdiff.cli import generate_tokens
 
     dev = resolve_device(device)
     loaded = _load_run(run, dev)
-    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
-    if cfg.diffusion.method == "ar":
-        raise ValueError("this run is the autoregressive baseline; sample_quality draws from diffusion runs")
-    length = length or cfg.data.seq_len
-    if length > cfg.data.seq_len:
-        raise ValueError(f"length {length} exceeds the model's sequence length {cfg.data.seq_len}")
     sc = _get_scorer(scorer, scorer_device or dev)
-
-    # The same call as maskdiff.cli.generate_text (unconditional), keeping the token ids.
+    # The call behind `maskdiff sample` (same seed, same texts), keeping the token ids.
     t0 = time.perf_counter()
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    time_agnostic = not model.time_conditioning
-    use_cache = bool(cache and time_agnostic)
     with torch.no_grad():
-        tokens = sample(
-            model.denoiser, model.schedule, batch_size=num, length=length, vocab_size=model.vocab_size,
-            num_steps=steps, grid=grid, generator=generator, sampler=sampler, temperature=temperature,
-            top_k=top_k, top_p=top_p, precision=precision, cache=use_cache, time_agnostic=time_agnostic,
-            device=dev, progress=progress,
+        tokens, _, _ = generate_tokens(
+            loaded, num=num, length=length, steps=steps, grid=grid, sampler=sampler, top_p=top_p, top_k=top_k,
+            temperature=temperature, precision=precision, seed=seed, cache=cache, device=dev, progress=progress,
+            compute="fp32",
         )
-    tokens = tokens.cpu()
+    tok, cfg = loaded.tokenizer, loaded.config
+    length = tokens.shape[1]
+    use_cache = bool(cache and not loaded.model.time_conditioning)
     texts = [tok.decode(row.tolist()) for row in tokens]
     t_sample = time.perf_counter() - t0
 
