@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     out = args.out or os.path.join("runs", config.name)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    if result:
+    if result and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
         lo, hi = result["ci95"]
         print(f"validation: {result['bits_per_token']:.4f} bits/token (95% CI {lo:.4f}–{hi:.4f}); run folder {out}")
     return 0
