@@ -369,11 +369,13 @@ def _owt_genmd4_s() -> RunConfig:
 
 def _mnist_md4() -> RunConfig:
     """CPU-friendly pixel-level MD4 on 5,000 real MNIST digits (784 tokens of 256 levels each),
-    class-conditional (label dropout 0.1 for classifier-free guidance)."""
+    class-conditional (label dropout 0.1 for classifier-free guidance), with the U-Net denoiser
+    (6.1M parameters). Measured against the 3 × 128 sequence transformer at the same budget: lower
+    bits/dim at every validation point and a faster step on the CPU (README, "Results on MNIST")."""
     return RunConfig(
         name="mnist-md4",
         data=DataConfig(corpus="mnist", seq_len=784),
-        model=ModelConfig(n_layers=3, d_model=128, n_heads=4, class_conditional=True),
+        model=ModelConfig(architecture="unet", d_model=64, n_heads=4, class_conditional=True),
         diffusion=DiffusionConfig(method="md4", schedule="linear"),
         optim=OptimConfig(lr=2e-3, warmup_steps=100, ema_decay=0.995),
         train=TrainConfig(steps=2400, batch_size=16, log_every=10, eval_every=600, eval_batches=4,
@@ -382,12 +384,16 @@ def _mnist_md4() -> RunConfig:
 
 
 def _cifar10_md4() -> RunConfig:
-    """Pixel-level CIFAR-10 (3,072 tokens per image); a transformer of MD4-S size over sub-pixels.
-    The paper trained a U-Net-style network for 2.75 bits/dim; see README for what we measured."""
+    """Pixel-level CIFAR-10 (3,072 sub-pixel tokens per image, 32×32×3) with a U-Net of the
+    DDPM CIFAR-10 shape (128 channels, widths ×1, ×2, ×2, ×2, two residual blocks per resolution,
+    dropout 0.1) and a self-attention middle at 4×4. The paper reports 2.75 bits/dim with a U-Net;
+    the U-Net won over the sequence transformer on MNIST here (README); at CIFAR-10 scale this
+    preset is untested (it needs a GPU)."""
     return RunConfig(
         name="cifar10-md4",
         data=DataConfig(corpus="cifar10", seq_len=3072),
-        model=ModelConfig(n_layers=12, d_model=768, n_heads=12, class_conditional=False),
+        model=ModelConfig(architecture="unet", d_model=128, n_heads=8, dropout=0.1, class_conditional=False,
+                          unet_channel_mult="1,2,2,2", unet_res_blocks=2, unet_attention_layers=1),
         diffusion=DiffusionConfig(method="md4", schedule="linear"),
         optim=OptimConfig(lr=2e-4, warmup_steps=2000, ema_decay=0.9999),
         train=TrainConfig(steps=2_000_000, batch_size=128, eval_every=10_000, save_every=10_000),
@@ -395,11 +401,14 @@ def _cifar10_md4() -> RunConfig:
 
 
 def _imagenet64_md4() -> RunConfig:
-    """Downsampled ImageNet 64×64 (12,288 tokens per image)."""
+    """Downsampled ImageNet 64×64 (12,288 sub-pixel tokens per image), class-conditional, with a
+    U-Net (128 channels, widths ×1, ×2, ×3, ×4) whose middle is a 4-layer transformer over the
+    8×8 positions. Untested at this scale (it needs a GPU)."""
     return RunConfig(
         name="imagenet64-md4",
         data=DataConfig(corpus="imagenet64", seq_len=12288),
-        model=ModelConfig(n_layers=12, d_model=768, n_heads=12, class_conditional=True),
+        model=ModelConfig(architecture="unet", d_model=128, n_heads=8, class_conditional=True,
+                          unet_channel_mult="1,2,3,4", unet_res_blocks=2, unet_attention_layers=4),
         diffusion=DiffusionConfig(method="md4", schedule="linear"),
         optim=OptimConfig(lr=2e-4, warmup_steps=2000, ema_decay=0.9999),
         train=TrainConfig(steps=2_000_000, batch_size=512, eval_every=10_000, save_every=10_000),
