@@ -87,6 +87,8 @@ class UNetConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2 (grey levels), got {self.vocab_size}")
         if isinstance(self.mid_attention_layers, bool) or not isinstance(self.mid_attention_layers, int) \
                 or self.mid_attention_layers < 0:
             raise ValueError(f"mid_attention_layers must be a non-negative integer, got {self.mid_attention_layers!r}")
