@@ -293,7 +293,7 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
     settings = dict(run=str(run.path), step=run.step, weights=run.weights, steps=steps, grid=grid, sampler=sampler,
                     top_p=top_p, top_k=top_k, temperature=temperature, precision=precision, seed=seed, length=length,
                     prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None,
-                    compute=compute)
+                    compute=compute, cache=bool(cache and time_agnostic))
     return tokens.cpu(), settings, run
 
 

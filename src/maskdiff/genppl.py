@@ -620,14 +620,13 @@ def sample_quality(
     # The call behind `maskdiff sample` (same seed, same texts), keeping the token ids.
     t0 = time.perf_counter()
     with torch.no_grad():
-        tokens, _, _ = generate_tokens(
+        tokens, settings, _ = generate_tokens(
             loaded, num=num, length=length, steps=steps, grid=grid, sampler=sampler, top_p=top_p, top_k=top_k,
             temperature=temperature, precision=precision, seed=seed, cache=cache, device=dev, progress=progress,
             compute="fp32",
         )
     tok, cfg = loaded.tokenizer, loaded.config
     length = tokens.shape[1]
-    use_cache = bool(cache and not loaded.model.time_conditioning)
     texts = [tok.decode(row.tolist()) for row in tokens]
     t_sample = time.perf_counter() - t0
 
@@ -655,7 +654,7 @@ def sample_quality(
         "entropy": ent,
         "scorer_token_entropy": ent_scorer,
         "sampler": dict(steps=steps, grid=grid, sampler=sampler, top_p=top_p, top_k=top_k, temperature=temperature,
-                        seed=seed, length=length, num=num, cache=use_cache, precision=precision),
+                        seed=seed, length=length, num=num, cache=settings["cache"], precision=precision),
         "scoring": {k: ppl[k] for k in ("n_texts", "n_tokens", "tokens_per_text", "n_truncated", "n_empty",
                                         "prefix_token", "max_length", "scored_tokens", "per_text_nll")},
         "run": str(loaded.path),
