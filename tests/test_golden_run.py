@@ -1,0 +1,45 @@
+"""A run folder written by maskdiff 0.1.0 still loads, evaluates and samples to the same numbers.
+
+The folder and its numbers come from ``tests/golden_run.py`` (see its docstring). Tolerances are
+float32 rounding (other CPUs may order float additions differently); on the machine that wrote
+them the numbers are reproduced bit for bit. Sampled tokens must match exactly.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from golden_run import EXPECTED, GOLDEN, measure
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    copy = tmp_path_factory.mktemp("golden") / "run"
+    shutil.copytree(GOLDEN, copy)  # eval writes its result files into the run folder
+    return measure(copy)
+
+
+def close(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    return a == b
+
+
+@pytest.mark.parametrize("key", ["ema", "raw", "eval-test.json", "eval-test-T10-K2.json"])
+def test_golden_numbers(measured, key):
+    expected = json.loads(EXPECTED.read_text())
+    assert close(expected[key], measured[key]), (expected[key], measured[key])
+
+
+def test_golden_samples(measured):
+    assert measured["sample_tokens"] == json.loads(EXPECTED.read_text())["sample_tokens"]
+
+
+def test_close_has_power():
+    assert not close({"a": 1.0}, {"a": 1.0 + 1e-3})
+    assert not close([1, 2], [1, 3])
