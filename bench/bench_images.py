@@ -28,8 +28,7 @@ import torch
 
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.devices import resolve_device
-from maskdiff.model import build_model
-from maskdiff.trainer import load_data
+from maskdiff.build import build_model, run_data
 
 ARCHITECTURES = {
     "transformer": ["model.architecture=transformer", "model.d_model=128", "model.n_layers=3", "model.n_heads=4"],
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    data = load_data(get_preset(args.preset))
+    data = run_data(get_preset(args.preset))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.preset}: {data.shape} images, training batch {args.batch_size}, sampling batch "
           f"{args.sample_batch}, median of {args.steps}, {where}")

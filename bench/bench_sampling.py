@@ -2,7 +2,7 @@
 without skipping denoiser calls (caching, lazy evaluation).
 
 Default: T = 1000 steps, length 256, batch 4, on the CPU, with a small time-agnostic
-``maskdiff.network.Transformer`` (2 layers, width 64, V = 27; the output head gets small random
+``maskdiff.networks.Transformer`` (2 layers, width 64, V = 27; the output head gets small random
 weights so that the prediction depends on z). Each configuration runs ``--repeats`` times with
 the same seed; the median wall time is reported, and every configuration's samples are compared
 with the baseline (they must be identical: skipping calls never changes the random stream).
@@ -41,7 +41,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def build_denoiser(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     """A small time-agnostic transformer from maskdiff.network (random weights)."""
-    from maskdiff.network import Transformer, TransformerConfig
+    from maskdiff.networks import Transformer, TransformerConfig
 
     cfg = TransformerConfig(
         vocab_size=args.vocab_size,
@@ -57,7 +57,7 @@ def build_denoiser(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         if model.head is not None:
             model.head.weight.normal_(0.0, 1.0 / args.d_model**0.5)
     params = sum(p.numel() for p in model.parameters())
-    desc = (f"maskdiff.network.Transformer(n_layers={args.layers}, d_model={args.d_model}, "
+    desc = (f"maskdiff.networks.Transformer(n_layers={args.layers}, d_model={args.d_model}, "
             f"n_heads={args.heads}, V={args.vocab_size}, time_conditioning=False), {params / 1e3:.0f}k params")
     return model, desc
 

@@ -4,7 +4,7 @@
 Prints, for each batch size (default 1 and 32):
 
 * ms per denoiser call: eager fp32 (the reference), eager bf16 autocast, bf16 CUDA graph
-  (``maskdiff.graphs.GraphDenoiser``), median of ``--calls`` calls;
+  (``maskdiff.sampling.cuda_graph.GraphDenoiser``), median of ``--calls`` calls;
 * ms per full ancestral step (denoiser + float64 draws) with the fast denoiser;
 * a whole ``--steps``-step sample (default 1,000) with and without caching (lazy evaluation
   off, so "no cache" is the plain loop with one call per step), for a time-agnostic model (wall time, denoiser calls, tokens/s) — at batch 32 only ``--steps-b32`` steps are run
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from maskdiff import get_schedule
-from maskdiff.graphs import GraphDenoiser
-from maskdiff.network import Transformer, model_preset
+from maskdiff.sampling.cuda_graph import GraphDenoiser
+from maskdiff.networks import Transformer, model_preset
 from maskdiff.sampling import sample
 
 

@@ -45,7 +45,7 @@ import torch
 from maskdiff import get_schedule
 from maskdiff.devices import resolve_device
 from maskdiff.model import MaskedDiffusion
-from maskdiff.network import MODEL_PRESETS, Transformer, model_preset
+from maskdiff.networks import MODEL_PRESETS, Transformer, model_preset
 
 H100_BF16_DENSE_TFLOPS = 989.0
 VARIANTS = ("eager", "chunked", "fast")

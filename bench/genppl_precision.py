@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from maskdiff.checkpoint import load
-    from maskdiff.genppl import format_quality_table, load_scorer, reference_quality, sample_quality
+    from maskdiff.runs import load
+    from maskdiff.apps.genppl import format_quality_table, load_scorer, reference_quality, sample_quality
 
     run_dir = args.run_dir or default_run()
     run = load(run_dir, device=args.device)

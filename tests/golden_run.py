@@ -66,7 +66,7 @@ def measure(run_dir: Path) -> dict:
 
 def write() -> None:
     from maskdiff.config import apply_overrides, get_preset
-    from maskdiff.trainer import train
+    from maskdiff.training import train
 
     if GOLDEN.exists():
         shutil.rmtree(GOLDEN)

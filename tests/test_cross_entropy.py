@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from maskdiff.cross_entropy import default_chunk_size, linear_cross_entropy
 from maskdiff.model import MaskedDiffusion
-from maskdiff.network import Transformer, TransformerConfig
+from maskdiff.networks import Transformer, TransformerConfig
 from maskdiff.schedules import get_schedule
 
 

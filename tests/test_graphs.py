@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskdiff.graphs import GraphDenoiser
-from maskdiff.network import Transformer, TransformerConfig
+from maskdiff.sampling.cuda_graph import GraphDenoiser
+from maskdiff.networks import Transformer, TransformerConfig
 from maskdiff.sampling import sample
 from maskdiff.schedules import get_schedule
 

@@ -27,7 +27,7 @@ from maskdiff.data.images import (
     stratified_split,
     to_raster,
 )
-from maskdiff.images import (
+from maskdiff.apps.images import (
     MASK_COLOR,
     FIDUnavailableError,
     class_grid,

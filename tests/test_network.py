@@ -1,4 +1,4 @@
-"""Tests for the denoiser network (maskdiff.network)."""
+"""Tests for the denoiser network (maskdiff.networks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskdiff.network import (
+from maskdiff.networks import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     MODEL_PRESETS,
@@ -103,7 +103,7 @@ def test_adaln_zero_blocks_start_as_identity():
     z = tokens()
     x = model.tok_emb(z)
     block = model.blocks[0]
-    from maskdiff.network import rope_tables
+    from maskdiff.networks.transformer import rope_tables
 
     cos, sin = rope_tables(L, model.config.head_dim, model.config.rope_base, z.device)
     c = model.time_embed(torch.rand(3))

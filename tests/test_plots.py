@@ -1,4 +1,4 @@
-"""PNG plots of a run folder (maskdiff.plots): each plot renders, and `maskdiff plot` behaves."""
+"""PNG plots of a run folder (maskdiff.apps.plots): each plot renders, and `maskdiff plot` behaves."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ pytest.importorskip("matplotlib")
 from PIL import Image
 
 from maskdiff import cli
-from maskdiff.plots import (
+from maskdiff.apps.likelihood import elbo_vs_steps
+from maskdiff.apps.plots import (
     _token_label,
-    cmd_plot,
-    elbo_points,
     plot_elbo_vs_steps,
     plot_genmd4_exponents,
     plot_training_curves,
     read_metrics,
-    register_cli,
 )
+from maskdiff.checkpoint import RunFolderError
+from maskdiff.cli import cmd_plot
 
 TINY = ["--no-progress", "--set", "train.steps=6", "--set", "model.n_layers=1", "--set", "model.d_model=32",
         "--set", "model.n_heads=2", "--set", "data.seq_len=32", "--set", "train.batch_size=8",
@@ -55,9 +55,7 @@ def _check_png(path: Path, min_size: tuple[int, int] = (300, 200)) -> None:
 
 
 def _plot_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdiff")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return cli.build_parser()
 
 
 def test_read_metrics_keeps_the_last_record_of_a_repeated_step(tmp_path: Path) -> None:
@@ -107,7 +105,7 @@ def test_genmd4_exponents_large_vocabulary(genmd4_run: Path, tmp_path: Path, mon
 
     import torch
 
-    import maskdiff.checkpoint
+    import maskdiff.runs
 
     run = tmp_path / "gpt2-run"
     run.mkdir()
@@ -123,7 +121,7 @@ def test_genmd4_exponents_large_vocabulary(genmd4_run: Path, tmp_path: Path, mon
 
     schedule = types.SimpleNamespace(exponents=w, init_exponent=1.0)
     fake = types.SimpleNamespace(model=types.SimpleNamespace(schedule=schedule), tokenizer=Tok(), weights="ema", step=6)
-    monkeypatch.setattr(maskdiff.checkpoint, "load", lambda *a, **k: fake)
+    monkeypatch.setattr(maskdiff.runs, "load", lambda *a, **k: fake)
     _check_png(plot_genmd4_exponents(run, tmp_path / "w.png"))
 
 
@@ -137,7 +135,7 @@ def test_elbo_vs_steps_computes_missing_points_paired(md4_run: Path, tmp_path: P
     user = md4_run / "eval-test-T20.json"
     mine = json.loads(user.read_text())
     user.write_text(json.dumps({**mine, "n_sequences": 999}))
-    points = elbo_points(md4_run, (20,), max_chunks=8, batch_size=8, device="cpu")
+    points = elbo_vs_steps(md4_run, (20,), max_chunks=8, batch_size=8, device="cpu")
     assert json.loads(user.read_text())["n_sequences"] == 999
     assert points[20]["bits_per_token"] == pytest.approx(mine["bits_per_token"])
     assert list((md4_run / "plots" / "cache").glob("eval-test-T20-n8-seed0-step6.json"))
@@ -175,7 +173,7 @@ def test_cli_plot(md4_run: Path, genmd4_run: Path, tmp_path: Path) -> None:
         cmd_plot(parser.parse_args(["plot", str(md4_run), "--what", "curvez"]))
     with pytest.raises(SystemExit, match="GenMD4"):
         cmd_plot(parser.parse_args(["plot", str(md4_run), "--what", "exponents"]))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(RunFolderError, match="not a run folder"):
         cmd_plot(parser.parse_args(["plot", str(tmp_path / "nothing")]))
 
 

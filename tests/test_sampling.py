@@ -1,4 +1,4 @@
-"""The sampler (md4-math.md, "Sampling" and "GenMD4"): steps, exact draws, caching, conditioning.
+"""The sampler (docs/math.md, "Sampling" and "GenMD4"): steps, exact draws, caching, conditioning.
 
 Statistical checks use fixed seeds; tolerances are stated in standard errors (SE) of the
 quantity tested, or as chi-square p-values against the exact law.
@@ -17,6 +17,9 @@ from exact_models import ExactConditionals
 from maskdiff.sampling import (
     FLOAT32_GUMBEL_MAX,
     FREE,
+    SampleInfo,
+    _check_sample_args,
+    _DenoiserCalls,
     ancestral_step,
     fixed_from_template,
     gumbel_max_float32,
@@ -681,3 +684,178 @@ def test_gumbel_max_float32_shapes():
     assert out.shape == (3, 4) and out.dtype == torch.long
     many = sample_categorical(torch.ones(2, 5), generator=gen(1), num_samples=7)
     assert many.shape == (2, 7)
+
+
+# ------------------------------------------------------------------------------------------
+# The sampler's pieces: argument checks, denoiser-call bookkeeping, SampleInfo.record
+# ------------------------------------------------------------------------------------------
+
+
+def sample_args(**changes):
+    """Valid keyword arguments of _check_sample_args (sample()'s defaults), with ``changes``."""
+    kw = dict(batch_size=2, length=4, vocab_size=5, num_steps=3, sampler="ancestral", temperature=1.0, top_k=None,
+              top_p=None, precision="float64", cache=False, cache_scope="batch", time_agnostic=None, generator=None,
+              device=None, return_info=False, record_every=None)
+    kw.update(changes)
+    return kw
+
+
+@pytest.mark.parametrize("name,value", [
+    ("batch_size", 0), ("batch_size", 2.0), ("length", -1), ("length", True), ("vocab_size", 0),
+    ("num_steps", 0), ("num_steps", 1.5), ("sampler", "greedy"), ("temperature", -0.5),
+    ("temperature", float("inf")), ("top_k", 0), ("top_k", 2.0), ("top_p", 0.0), ("top_p", 1.5),
+    ("precision", "float16"), ("cache", "yes"), ("cache", None), ("cache_scope", "column"),
+    ("record_every", 0), ("record_every", True),
+])
+def test_check_sample_args_names_each_bad_argument(name, value):
+    V = 5
+    with pytest.raises(ValueError, match=name):
+        _check_sample_args(TinyNet(V), maskdiff.get_schedule("linear"), **sample_args(**{name: value}))
+
+
+def test_check_sample_args_combinations_and_resolution():
+    V = 5
+    lin, gs = maskdiff.get_schedule("linear"), maskdiff.get_schedule("genmd4", vocab_size=V)
+    agnostic, conditioned, plain = TinyNet(V), TinyNet(V, uses_time=True), constant_denoiser(0, V)
+    check = _check_sample_args
+    with pytest.raises(ValueError, match="return_info=True"):
+        check(agnostic, lin, **sample_args(record_every=2))
+    assert check(agnostic, lin, **sample_args(record_every=2, return_info=True)) == (False, torch.device("cpu"))
+    with pytest.raises(ValueError, match="'mean' sampler needs a scalar schedule"):
+        check(agnostic, gs, **sample_args(sampler="mean"))
+    for den in (conditioned, plain):  # declared time-conditioned, and no declaration at all
+        with pytest.raises(ValueError, match="cache=True needs a time-agnostic denoiser"):
+            check(den, lin, **sample_args(cache=True))
+    with pytest.raises(ValueError, match="time_agnostic=True contradicts"):
+        check(conditioned, lin, **sample_args(time_agnostic=True))
+    with pytest.raises(ValueError, match="generator is on cpu but sampling runs on meta"):
+        check(agnostic, lin, **sample_args(generator=gen(0), device="meta"))
+    # cache="auto" caches exactly the time-agnostic denoisers; an int counts as a bool.
+    assert check(agnostic, lin, **sample_args(cache="auto"))[0] is True
+    assert check(conditioned, lin, **sample_args(cache="auto"))[0] is False
+    assert check(plain, lin, **sample_args(cache="auto"))[0] is False
+    assert check(plain, lin, **sample_args(cache=1, time_agnostic=True))[0] is True
+    assert check(agnostic.forward, lin, **sample_args(cache=True))[0] is True  # bound method: owner's attribute
+    # Device: the argument, else the denoiser's parameters, else the CPU.
+    assert check(plain, lin, **sample_args(device="meta"))[1] == torch.device("meta")
+    assert check(TinyNet(V).to("meta"), lin, **sample_args())[1] == torch.device("meta")
+    assert check(plain, lin, **sample_args())[1] == torch.device("cpu")
+    with pytest.warns(UserWarning, match="training mode"):
+        check(TinyNet(V).train(), lin, **sample_args())
+
+
+class RecordingDenoiser:
+    """TinyNet's logits (row-independent), remembering the z and t of every call."""
+
+    def __init__(self, vocab_size: int, logits=None):
+        self.net = TinyNet(vocab_size)
+        self.logits = logits
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, z, t):
+        self.seen.append((z.clone(), t.clone()))
+        return self.net(z, t) if self.logits is None else self.logits(z)
+
+
+def test_denoiser_calls_count_and_pass_times_without_cache():
+    V, B, L = 6, 3, 5
+    den = RecordingDenoiser(V)
+    calls = _DenoiserCalls(den, B, L, V)
+    z = torch.full((B, L), V)
+    a = calls(z, torch.tensor(0.75, dtype=torch.float64))
+    b = calls(z, torch.tensor(0.5, dtype=torch.float64))
+    assert (calls.calls, calls.rows, calls.cache_hits, calls.requests) == (2, 2 * B, 0, 2)
+    assert a.shape == (B, L, V) and a is not b and calls.cached is None
+    assert [t.tolist() for _, t in den.seen] == [[0.75] * B, [0.5] * B]
+    assert all(t.dtype == torch.float32 for _, t in den.seen)
+
+
+def test_denoiser_calls_cache_hit_when_no_row_changed():
+    V, B, L = 6, 3, 5
+    den = RecordingDenoiser(V)
+    calls = _DenoiserCalls(den, B, L, V, use_cache=True)
+    z = torch.full((B, L), V)
+    first = calls(z, torch.tensor(1.0))
+    again = calls(z, torch.tensor(0.5))  # time-agnostic: t does not matter
+    assert again is first and len(den.seen) == 1
+    assert (calls.calls, calls.rows, calls.cache_hits, calls.requests) == (1, B, 1, 2)
+    calls.changed(z, z.clone())  # a step that changed nothing keeps the cache valid
+    assert calls(z, torch.tensor(0.25)) is first and calls.cache_hits == 2 and len(den.seen) == 1
+
+
+@pytest.mark.parametrize("scope", ["row", "batch"])
+def test_denoiser_calls_recompute_dirty_rows(scope):
+    V, B, L = 6, 4, 5
+    den = RecordingDenoiser(V)
+    calls = _DenoiserCalls(den, B, L, V, use_cache=True, cache_scope=scope)
+    z = torch.full((B, L), V)
+    before = calls(z, torch.tensor(1.0)).clone()
+    z_new = z.clone()
+    z_new[1, 2] = 3
+    z_new[3, 0] = 1
+    calls.changed(z, z_new)
+    assert calls.dirty.tolist() == [False, True, False, True]
+    out = calls(z_new, torch.tensor(0.5))
+    z_seen, t_seen = den.seen[-1]
+    if scope == "row":  # only the changed rows go to the network
+        assert torch.equal(z_seen, z_new[[1, 3]]) and t_seen.shape == (2,)
+        assert (calls.calls, calls.rows) == (2, B + 2)
+    else:
+        assert torch.equal(z_seen, z_new) and (calls.calls, calls.rows) == (2, 2 * B)
+    assert not bool(calls.dirty.any()) and calls.cache_hits == 0
+    torch.testing.assert_close(out, den.net(z_new, torch.zeros(B)), rtol=0, atol=0)  # equals a full call
+    torch.testing.assert_close(out[[0, 2]], before[[0, 2]], rtol=0, atol=0)
+    assert not torch.equal(out[[1, 3]], before[[1, 3]])
+    # Every row changed: one full-batch call even with row scope.
+    z_all = z_new.clone()
+    z_all[:, 4] = 0
+    calls.changed(z_new, z_all)
+    calls(z_all, torch.tensor(0.25))
+    assert torch.equal(den.seen[-1][0], z_all) and calls.calls == 3
+
+
+def test_denoiser_calls_reject_non_finite_and_misshaped_logits():
+    V, B, L = 4, 2, 3
+    z = torch.full((B, L), V)
+    t = torch.tensor(0.5)
+
+    def with_value(i, value):
+        def logits(z):
+            lg = torch.zeros(B, L, V)
+            lg.view(-1)[i] = value
+            return lg
+        return logits
+
+    for bad in (with_value(5, float("nan")), with_value(0, float("inf")),
+                lambda z: torch.zeros(B, L, V).index_fill_(1, torch.tensor([1]), -math.inf)):
+        with pytest.raises(ValueError, match=r"NaN/\+inf logits or a row with every logit -inf"):
+            _DenoiserCalls(RecordingDenoiser(V, logits=bad), B, L, V)(z, t)
+    ok = _DenoiserCalls(RecordingDenoiser(V, logits=with_value(3, -math.inf)), B, L, V)(z, t)  # one -inf is fine
+    assert ok.shape == (B, L, V)
+    with pytest.raises(ValueError, match=r"expected \(B, L, V\)"):
+        _DenoiserCalls(RecordingDenoiser(V, logits=lambda z: torch.zeros(B, L, V + 1)), B, L, V)(z, t)
+    _DenoiserCalls.check_finite(torch.tensor([[0.0, -math.inf]]))  # static: usable on its own
+    with pytest.raises(ValueError):
+        _DenoiserCalls.check_finite(torch.tensor([[-math.inf, -math.inf]]))
+
+
+def test_sample_info_record_counts_masks_and_keeps_states():
+    V, B, L = 5, 2, 3
+    info = SampleInfo(num_steps=5, batch_size=B, vocab_size=V, record_every=2)
+    z = torch.full((B, L), V)
+    for step in range(6):
+        if step:
+            z = z.clone()
+            z[step % B, (step - 1) % L] = 0
+        info.record(step, z)
+    info._finish()
+    assert info.trajectory_steps == [0, 2, 4, 5]  # every second step and the last
+    assert info.trajectory.shape == (4, B, L) and torch.equal(info.trajectory[-1], z)
+    assert info.num_masked.shape == (6, B) and info.num_masked[0].tolist() == [L, L]
+    assert info.num_masked[-1].tolist() == (z == V).sum(1).tolist()
+    plain = SampleInfo(num_steps=1, batch_size=B, vocab_size=V)
+    plain.record(0, z)
+    plain._finish()
+    assert plain.trajectory is None and plain.trajectory_steps == []
+    with pytest.raises(ValueError, match="vocab_size"):
+        SampleInfo(num_steps=1).record(0, z)

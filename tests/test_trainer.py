@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maskdiff.checkpoint import RunFolderError, latest_checkpoint, load
+from maskdiff.checkpoint import RunFolderError, latest_checkpoint
+from maskdiff.runs import load
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.data import TokenSplits, load_corpus
-from maskdiff.trainer import Trainer, learning_rate
+from maskdiff.training import Trainer, learning_rate
 
 TINY = [
     "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "data.seq_len=32",
@@ -107,7 +108,7 @@ KILL_SCRIPT = textwrap.dedent(
     import maskdiff.checkpoint as ckpt
     from maskdiff.config import apply_overrides, get_preset
     from maskdiff.data import TokenSplits, load_corpus
-    from maskdiff.trainer import Trainer
+    from maskdiff.training import Trainer
 
     calls = {"n": 0}
     original = ckpt._save_tensors
@@ -152,7 +153,7 @@ DDP_SCRIPT = textwrap.dedent(
     import sys
     from maskdiff.config import apply_overrides, get_preset
     from maskdiff.data import TokenSplits, load_corpus
-    from maskdiff.trainer import Trainer
+    from maskdiff.training import Trainer
 
     full = load_corpus("wiki-char")
     data = TokenSplits(name="w", vocab_size=27, tokenizer=full.tokenizer, train=full.train[:200_000],

@@ -1,4 +1,4 @@
-"""Tests for the image U-Net denoiser (maskdiff.unet) and for image runs end to end."""
+"""Tests for the image U-Net denoiser (maskdiff.networks.unet) and for image runs end to end."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from maskdiff.model import MaskedDiffusion
-from maskdiff.network import Transformer, build_network, network_config_from_dict
+from maskdiff.networks import Transformer, build_network, network_config_from_dict
 from maskdiff.schedules import get_schedule
-from maskdiff.unet import UNet, UNetConfig
+from maskdiff.networks import UNet, UNetConfig
 
 V = 256
 
@@ -149,7 +149,7 @@ def test_chunked_loss_matches_full_logits():
 def test_image_run_end_to_end_with_the_cli(tmp_path):
     """Train a class-conditional U-Net on the 8×8 digits, evaluate bits/dim, and write a
     class grid with its unmasking strip and an unconditional grid."""
-    from maskdiff.checkpoint import load
+    from maskdiff.runs import load
     from maskdiff.cli import main
 
     out = tmp_path / "digits-unet"

@@ -1,4 +1,4 @@
-"""maskdiff.zeroshot: registry, detokenisers, offline loading of each data set's file forms,
+"""maskdiff.apps.zeroshot: registry, detokenisers, offline loading of each data set's file forms,
 block conventions, partial-sequence NELBO, zero-shot perplexity end to end, the CLI.
 
 Every data file is written here, in the data set's real format (column names, row shapes, file
@@ -11,7 +11,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports `datasets`
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import argparse
 import json
 import math
 from types import SimpleNamespace
@@ -22,9 +21,9 @@ import pytest
 import torch
 
 import maskdiff
-from maskdiff import zeroshot as zs
+from maskdiff.apps import zeroshot as zs
 from maskdiff.model import MaskedDiffusion
-from maskdiff.network import Transformer, TransformerConfig
+from maskdiff.networks import Transformer, TransformerConfig
 
 EOT = 50256
 V_GPT2 = 50257
@@ -410,21 +409,22 @@ def test_rejects_character_level_and_bad_arguments(files):
 
 
 def test_cli_writes_json_and_prints_table(files, tmp_path, monkeypatch, capsys):
-    import maskdiff.checkpoint as ckpt
+    import maskdiff.runs as ckpt
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     fake = ckpt.LoadedRun(run_dir, SimpleNamespace(diffusion=SimpleNamespace(method="md4")), tiny_gpt2_model(),
                           123, "ema")
     monkeypatch.setattr(ckpt, "load", lambda path, weights="ema", device="cpu": fake)
-    parser = argparse.ArgumentParser(prog="maskdiff")
-    zs.register_cli(parser.add_subparsers(dest="command"))
+    from maskdiff import cli
+
+    parser = cli.build_parser()
     args = parser.parse_args(["zeroshot", str(run_dir), "--datasets", "wikitext2,ptb", "--path",
                               f"wikitext2={files['wikitext_raw_dir']}", "--path", f"ptb={files['ptb_txt']}",
                               "--convention", "pad", "--draws", "2", "--max-sequences", "3", "--seed", "1",
                               "--device", "cpu", "--no-progress"])
-    assert args.func is zs.cmd_zeroshot
-    assert zs.cmd_zeroshot(args) == 0
+    assert cli.HANDLERS[args.command] is cli.cmd_zeroshot
+    assert cli.cmd_zeroshot(args) == 0
     out = capsys.readouterr().out
     assert "| WikiText-2 | test | pad | 3 |" in out and "| PTB | test | pad | 3 |" in out
     stored = json.loads((run_dir / "zeroshot.json").read_text())["results"]
@@ -434,8 +434,8 @@ def test_cli_writes_json_and_prints_table(files, tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["zeroshot", str(run_dir), "--datasets", "lambada", "--path",
                               f"lambada={files['lambada_dir']}", "--convention", "pad", "--device", "cpu",
                               "--no-progress"])
-    zs.cmd_zeroshot(args)
+    cli.cmd_zeroshot(args)
     assert set(json.loads((run_dir / "zeroshot.json").read_text())["results"]) == {
         "wikitext2/pad/test", "ptb/pad/test", "lambada/pad/test"}
     with pytest.raises(ValueError, match="NAME=FILE"):
-        zs._parse_paths(["wikitext2"])
+        cli._parse_paths(["wikitext2"])

@@ -9,12 +9,11 @@ Public entry points:
 """
 
 from maskdiff import metrics
-from maskdiff.checkpoint import load
+from maskdiff._version import __version__
 from maskdiff.losses import genmd4_losses, md4_loss_terms, md4_nelbo
+from maskdiff.runs import load
 from maskdiff.sampling import sample
 from maskdiff.schedules import GenMD4Schedule, Schedule, get_schedule
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GenMD4Schedule",

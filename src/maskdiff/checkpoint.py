@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from maskdiff._version import __version__
 from maskdiff.fileio import write_json_atomic
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "latest_checkpoint",
     "Checkpoint",
     "environment_info",
+    "checkpoint_step",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -78,14 +80,12 @@ def environment_info() -> dict[str, Any]:
     """Code version and library versions, recorded next to every run."""
     from importlib import metadata
 
-    import maskdiff
-
     versions = {}
     for dist in ("torch", "numpy", "safetensors", "tiktoken", "datasets", "tqdm"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return {
-        "maskdiff_version": maskdiff.__version__,
+        "maskdiff_version": __version__,
         "git_commit": _git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -237,57 +237,9 @@ def load_checkpoint(run_dir: str | os.PathLike, *, with_optimizer: bool = True, 
     return Checkpoint(ckpt, model, ema, optimizer, rng, state)
 
 
-# ---------------------------------------------------------------------------------------------
-# Rebuilding a model from a run folder alone
-
-
-@dataclass
-class LoadedRun:
-    """A trained model rebuilt from its run folder (see :func:`load`)."""
-
-    path: Path
-    config: Any  # RunConfig
-    model: Any  # MaskedDiffusion, in eval mode
-    step: int
-    weights: str  # "ema" or "raw"
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer of the run's corpus (characters for wiki-char/text8, GPT-2 otherwise)."""
-        from maskdiff.data import CharTokenizer, GPT2Tokenizer
-
-        if self.config.data.corpus in ("wiki-char", "text8"):
-            return CharTokenizer()
-        return GPT2Tokenizer()
-
-
-def load(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a trained :class:`~maskdiff.model.MaskedDiffusion` from a run folder.
-
-    Reads ``config.json``, ``network.json`` and the latest checkpoint's safetensors (``weights``:
-    ``"ema"`` — what evaluation and sampling use — or ``"raw"``). Nothing is unpickled.
-    """
-    from maskdiff.config import config_from_dict
-    from maskdiff.model import MaskedDiffusion, build_schedule
-    from maskdiff.network import build_network, network_config_from_dict
-
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    path = Path(path)
-    for name in ("config.json", "network.json"):
-        if not (path / name).is_file():
-            raise RunFolderError(f"{path} is not a run folder: {name} is missing (a run folder is made by `maskdiff train`)")
-    config = config_from_dict(json.loads((path / "config.json").read_text()))
-    net_cfg = network_config_from_dict(json.loads((path / "network.json").read_text()))
-    ckpt = load_checkpoint(path, with_optimizer=False, device=str(device))
-    with torch.device("meta"):
-        network = build_network(net_cfg)
-    model = MaskedDiffusion(network, build_schedule(config.diffusion, net_cfg.vocab_size), config.diffusion.method,
-                            t1=config.diffusion.t1, antithetic=config.diffusion.antithetic)
-    state = dict(ckpt.model)
-    used = "raw"
-    if weights == "ema" and ckpt.ema is not None:
-        state.update(ckpt.ema)  # EMA holds every parameter; buffers come from the raw state
-        used = "ema"
-    model.load_state_dict(state, strict=True, assign=True)
-    return LoadedRun(path, config, model.to(device).eval(), int(ckpt.state["step"]), used)
+def checkpoint_step(run_dir: str | os.PathLike) -> int | None:
+    """The training step of the run's latest complete checkpoint, or None when it has none."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    return int(json.loads((ckpt / "state.json").read_text())["step"])

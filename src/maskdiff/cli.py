@@ -1,6 +1,9 @@
-"""Command-line interface: ``maskdiff train | eval | sample | demo | presets``.
+"""Command-line interface: ``maskdiff train | eval | sample | demo | compare | presets | zeroshot | plot | genppl``.
 
-Nothing in the library imports this module.
+Each subcommand has a ``_add_<cmd>(sub)`` parser and a thin ``cmd_<cmd>(args)`` that calls a library
+function (:mod:`maskdiff.training`, :mod:`maskdiff.apps`) with keyword arguments and prints. Nothing
+in the package imports this module (``tests/test_layering.py`` keeps it so); the library modules
+are imported inside the handlers so that ``maskdiff --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -9,9 +12,8 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 __all__ = ["main"]
 
@@ -77,15 +79,13 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strip", action="store_true", help="image runs: also write a strip of the unmasking over time")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdiff", description="Masked discrete diffusion (MD4 / GenMD4).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_sample(sub)
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="train, evaluate and sample the CPU demo (what `make demo` runs)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="unigram, AR, MD4 and GenMD4 at one budget on the same data, as a table")
     c.add_argument("--preset", default="demo", help="data, network size, batch and optimiser shared by all methods")
     c.add_argument("--methods", default="ar,md4,genmd4", help="comma-separated: ar, md4, genmd4")
@@ -93,28 +93,111 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--draws", type=int, default=1, help="time draws per test sequence")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N test chunks")
-    sub.add_parser("presets", help="list the training presets")
-    from maskdiff import genppl, plots, zeroshot
 
-    zeroshot.register_cli(sub)
-    plots.register_cli(sub)
-    genppl.register_cli(sub)
+
+def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
+    from maskdiff.apps.zeroshot import CONVENTIONS, DATASETS
+
+    p = sub.add_parser(
+        "zeroshot",
+        help="zero-shot perplexity bound on LAMBADA, WikiText-2/103, PTB, One Billion Words",
+        description="NELBO perplexity bound of a GPT-2-token run on the diffusion-LM papers' zero-shot data sets, "
+        "read with Hugging Face datasets (Hub or local files), with the literature's detokenisers.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--datasets", default=",".join(DATASETS),
+                   help=f"comma-separated data sets (default: all: {','.join(DATASETS)})")
+    p.add_argument("--path", dest="paths", action="append", default=[], metavar="NAME=FILE",
+                   help="read a data set from a local file, glob or folder instead of the Hub (repeatable)")
+    p.add_argument("--convention", default="concat", choices=list(CONVENTIONS),
+                   help="concat: rows joined with end-of-text and cut into blocks; pad: one EOT-padded row each")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test)")
+    p.add_argument("--draws", type=int, default=1, help="time draws per sequence")
+    p.add_argument("--steps", type=int, default=None, help="discrete-time ELBO with T steps (default: continuous)")
+    p.add_argument("--max-sequences", type=int, default=None, help="evaluate only the first N blocks/sequences")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument("--score-bos", action="store_true", help="pad: also score the leading end-of-text (as MDLM)")
+    p.add_argument("--skip-empty", action="store_true", help="drop empty rows (kept by default, as in the papers)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot", help="draw PNG plots of a run: training curves, GenMD4 exponents, ELBO vs steps",
+        description="Write PNG plots of a run folder. By default: training curves, and the learned exponents for "
+                    "GenMD4 runs, into RUN_DIR/plots/ (replacing earlier plots there). `--what elbo` evaluates the "
+                    "discrete-time ELBO for each --steps T that has no eval file yet (this takes a while on big runs).",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--what", default=None,
+                   help="comma-separated: curves, exponents, elbo (default: curves, plus exponents for GenMD4 runs)")
+    p.add_argument("--out", default=None,
+                   help="folder for the PNGs (default RUN_DIR/plots/); files already in a folder of yours are "
+                        "never replaced: a new name is chosen")
+    p.add_argument("--steps", default="10,100,1000", help="T values for --what elbo (comma-separated)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split for --what elbo")
+    p.add_argument("--max-chunks", type=int, default=1024,
+                   help="--what elbo: evaluate the first N chunks of the split (0: all of it; default 1024)")
+    p.add_argument("--no-compute", action="store_true", help="--what elbo: plot only evaluations that exist")
+    p.add_argument("--seed", type=int, default=0, help="--what elbo: evaluation seed (the same for every T)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-x", action="store_true", help="training curves against log(step)")
+
+
+def _add_genppl(sub: argparse._SubParsersAction) -> None:
+    from maskdiff.apps.genppl import SCORER_NAMES
+
+    p = sub.add_parser(
+        "genppl", help="generative perplexity of samples under a causal LM, with sample entropy",
+        description="Sample from a run and score the samples under a causal language model (GPT-2 Large when "
+                    "available, else the offline SmolLM2-135M); reports gen PPL with a 95% interval, the samples' "
+                    "unigram entropy, the sampler settings and the categorical precision. Writes "
+                    "RUN_DIR/genppl-<precision>.json.")
+    p.add_argument("run_dir")
+    p.add_argument("--num", type=int, default=32, help="number of samples")
+    p.add_argument("--steps", type=int, default=256, help="sampling steps T")
+    p.add_argument("--precision", default="float64", choices=["float64", "float32", "both"],
+                   help="categorical draws: float64 exact, float32 reference Gumbel-max, or both (same seed)")
+    p.add_argument("--scorer", default="auto", choices=list(SCORER_NAMES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--grid", default="cosine", choices=["cosine", "uniform"])
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the run's seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per scorer forward pass")
+    p.add_argument("--reference", action="store_true",
+                   help="also score NUM chunks of the test split the same way (written to genppl-data.json)")
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskdiff", description="Masked discrete diffusion (MD4 / GenMD4).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_sample(sub)
+    _add_demo(sub)
+    _add_compare(sub)
+    sub.add_parser("presets", help="list the training presets")
+    _add_zeroshot(sub)
+    _add_plot(sub)
+    _add_genppl(sub)
     return parser
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _device(name: str) -> Any:
-    """The torch device for a ``--device`` value (see :func:`maskdiff.devices.resolve_device`)."""
-    from maskdiff.devices import resolve_device
-
-    return resolve_device(name)
+# Handlers: parse, call the library, print.
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from maskdiff.config import apply_overrides, config_from_dict, get_preset
-    from maskdiff.trainer import train
+    from maskdiff.config import apply_overrides, get_preset
+    from maskdiff.runs import read_run_config
+    from maskdiff.training import train
 
     if args.resume:
         if args.out is None:
@@ -122,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg_path = Path(args.out) / "config.json"
         if not cfg_path.is_file():
             raise SystemExit(f"error: cannot resume: {cfg_path} not found; start the run without --resume")
-        config = config_from_dict(json.loads(cfg_path.read_text()))
+        config = read_run_config(args.out)
         if args.preset:
             print("note: --resume uses the run's saved config; --preset is ignored", file=sys.stderr)
     else:
@@ -141,332 +224,68 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_file_name(split: str, *, steps: int | None = None, seed: int = 0, draws: int = 1) -> str:
-    """``eval-<split>[-T<T>][-seed<S>][-K<K>].json``: results of other settings never replace the
-    default ``eval-<split>.json``."""
-    suffix = (f"-T{steps}" if steps else "") + (f"-seed{seed}" if seed else "") + (f"-K{draws}" if draws > 1 else "")
-    return f"eval-{split}{suffix}.json"
-
-
-def run_eval(run_dir: str, *, split: str, draws: int = 1, steps: int | None = None, seed: int = 0,
-             batch_size: int = 64, max_chunks: int | None = None, device: str = "auto",
-             weights: str = "ema", progress: bool = True, out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Evaluate a run on a split and write the result as JSON to ``out`` (default
-    ``RUN_DIR/<eval_file_name(...)>``)."""
-    from maskdiff.checkpoint import load, write_json_atomic
-    from maskdiff.data import ImageSplits, unigram_entropy_bits
-    from maskdiff.evaluate import evaluate_images, evaluate_nelbo
-    from maskdiff.trainer import load_data
-
-    dev = _device(device)
-    run = load(run_dir, weights=weights, device=dev)
-    cfg = run.config
-    data = load_data(cfg)
-    autocast = None
-    if dev.type == "cuda":
-        import torch
-
-        autocast = torch.bfloat16
-    t0 = time.perf_counter()
-    if isinstance(data, ImageSplits):
-        from maskdiff.images import histogram_bits_per_dim
-
-        images = data.split(split)
-        labels = data.labels(split) if run.model.network.num_classes else None
-        result = evaluate_images(run.model, images, labels, batch_size=batch_size, max_images=max_chunks,
-                                 num_time_draws=draws, num_steps=steps, seed=seed, device=dev,
-                                 autocast_dtype=autocast, progress=progress)
-        hist = histogram_bits_per_dim(data.train, images[: result["n_sequences"]], data.vocab_size)
-        baseline = {"unigram_bits_per_token": hist["global"], "histogram_bits_per_dim": hist["per_dim"]}
-    else:
-        tokens = data.split(split)
-        result = evaluate_nelbo(run.model, tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
-                                num_time_draws=draws, num_steps=steps, seed=seed, max_chunks=max_chunks,
-                                device=dev, autocast_dtype=autocast, progress=progress)
-        baseline = {"unigram_bits_per_token": unigram_entropy_bits(data.train, tokens, data.vocab_size)}
-    result.update(
-        split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
-        corpus=cfg.data.corpus, seconds=time.perf_counter() - t0, **baseline,
-    )
-    path = Path(out) if out is not None else Path(run_dir) / eval_file_name(split, steps=steps, seed=seed, draws=draws)
-    write_json_atomic(path, result)
-    return result
-
-
-def format_eval_table(result: dict[str, Any]) -> str:
-    lo, hi = result["ci95"]
-    kind = f"discrete T={result['num_steps']}" if result.get("num_steps") else "continuous time"
-    if "histogram_bits_per_dim" in result:
-        return "\n".join([
-            "| run | split | ELBO | bits/dim | ± stderr | 95% CI | per-pixel histogram | global histogram | images |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {result['run']} (step {result['step']}, {result['weights']}) | {result['split']} | {kind} "
-            f"| {result['bits_per_token']:.4f} | {result['stderr']:.4f} | [{lo:.4f}, {hi:.4f}] "
-            f"| {result['histogram_bits_per_dim']:.4f} | {result['unigram_bits_per_token']:.4f} | {result['n_sequences']} |",
-        ])
-    rows = [
-        "| run | split | method | ELBO | bits/token | ± stderr | 95% CI | perplexity | unigram bits/token | sequences |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {result['run']} (step {result['step']}, {result['weights']}) | {result['split']} | {result['method']} | {kind} "
-        f"| {result['bits_per_token']:.4f} | {result['stderr']:.4f} | [{lo:.4f}, {hi:.4f}] | {result['perplexity']:.3f} "
-        f"| {result['unigram_bits_per_token']:.4f} | {result['n_sequences']} |",
-    ]
-    return "\n".join(rows)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from maskdiff.apps.likelihood import format_eval_table, run_eval
+
     result = run_eval(args.run_dir, split=args.split, draws=args.draws, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, max_chunks=args.max_chunks, device=args.device, weights=args.weights)
     print(format_eval_table(result))
     return 0
 
 
-def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = None, steps: int = 256,
-                  grid: str = "cosine", sampler: str = "ancestral", top_p: float | None = None,
-                  top_k: int | None = None, temperature: float = 1.0, precision: str = "float64",
-                  prompt: str | None = None, suffix: str | None = None, infill: str | None = None,
-                  gap: str = "___", gap_length: int = 16, seed: int = 0, cache: bool = True,
-                  device: str = "auto", progress: bool = True, compute: str = "auto",
-                  ) -> tuple[Any, dict[str, Any], Any]:
-    """Sample ``num`` token sequences from a text run folder (or an already loaded run).
-
-    Returns (tokens (num, length) on the CPU, settings, the loaded run). Bad requests raise
-    ValueError naming the fix (the command line prints them as one line).
-
-    ``compute``: ``fp32`` (the network in float32), ``bf16`` (autocast, CUDA), ``bf16-graph``
-    (autocast, replayed from a CUDA graph: :class:`maskdiff.graphs.GraphDenoiser`); ``auto`` is
-    ``bf16-graph`` on CUDA and ``fp32`` elsewhere.
-    """
-    import torch
-
-    from maskdiff.graphs import GraphDenoiser
-
-    from maskdiff.checkpoint import LoadedRun, load
-    from maskdiff.sampling import fixed_from_template, make_fixed, sample
-
-    dev = _device(device)
-    run = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir, device=dev)
-    if run.model.network.config.image_shape is not None:
-        raise ValueError("this is an image run; `maskdiff sample` writes image grids for it")
-    model, cfg, tok = run.model, run.config, run.tokenizer
-    if cfg.diffusion.method == "ar":
-        raise ValueError("this run is the autoregressive baseline; `maskdiff sample` draws from diffusion runs")
-    length = length or cfg.data.seq_len
-    if length > cfg.data.seq_len:
-        raise ValueError(f"--length {length} exceeds the model's sequence length {cfg.data.seq_len}")
-
-    def encode(text: str) -> list[int]:
-        if hasattr(tok, "encode") and cfg.data.corpus in ("wiki-char", "text8"):
-            return tok.encode(text, normalize=True)
-        return tok.encode(text)
-
-    fixed = None
-    if infill is not None:
-        if prompt or suffix:
-            raise ValueError("use either --infill or --prompt/--suffix, not both")
-
-        class _Enc:  # the template's text pieces go through the same normalisation as prompts
-            def encode(self, text: str) -> list[int]:
-                return encode(text)
-
-        fixed = fixed_from_template(infill, _Enc(), gap=gap, gap_length=gap_length, length=None)
-        length = fixed.shape[1]
-        if length > cfg.data.seq_len:
-            raise ValueError(f"the infill template needs {length} tokens; the model takes at most {cfg.data.seq_len}")
-    elif prompt or suffix:
-        fixed = make_fixed(length, prefix=encode(prompt) if prompt else None, suffix=encode(suffix) if suffix else None)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    time_agnostic = not model.time_conditioning
-    on_cuda = dev.type == "cuda"
-    if compute == "auto":
-        compute = "bf16-graph" if on_cuda else "fp32"
-    if compute != "fp32" and not on_cuda:
-        raise ValueError(f"--compute {compute} needs a CUDA device; use --compute fp32 on {dev}")
-    denoiser = model.denoiser if compute == "fp32" else GraphDenoiser(
-        model.network, num, length, dtype=torch.bfloat16, use_graph=compute == "bf16-graph")
-    tokens = sample(
-        denoiser, model.schedule, batch_size=num, length=length, vocab_size=model.vocab_size,
-        num_steps=steps, grid=grid, generator=generator, sampler=sampler, temperature=temperature,
-        top_k=top_k, top_p=top_p, precision=precision, cache=(cache and time_agnostic), time_agnostic=time_agnostic,
-        fixed=fixed, device=dev, progress=progress,
-    )
-    settings = dict(run=str(run.path), step=run.step, weights=run.weights, steps=steps, grid=grid, sampler=sampler,
-                    top_p=top_p, top_k=top_k, temperature=temperature, precision=precision, seed=seed, length=length,
-                    prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None,
-                    compute=compute, cache=bool(cache and time_agnostic))
-    return tokens.cpu(), settings, run
-
-
-def generate_text(run_dir: str | Any, **kwargs: Any) -> tuple[list[str], dict[str, Any]]:
-    """Sample texts from a text run folder (or a loaded run); returns (texts, settings).
-
-    Keyword arguments are those of :func:`generate_tokens` (num, length, steps, grid, sampler,
-    top_p, top_k, temperature, precision, prompt, suffix, infill, gap, gap_length, seed, cache,
-    device, progress, compute).
-    """
-    tokens, settings, run = generate_tokens(run_dir, **kwargs)
-    return [run.tokenizer.decode(row.tolist()) for row in tokens], settings
-
-
-def generate_images(run: Any, *, num: int = 16, steps: int = 256, grid: str = "cosine", labels: Any = None,
-                    guidance: float = 0.0, seed: int = 0, precision: str = "float64", temperature: float = 1.0,
-                    top_p: float | None = None, record_every: int | None = None, device: str = "cpu",
-                    progress: bool = True) -> tuple[Any, Any]:
-    """Sample images (num, H·W·C) from a loaded image run; returns (tokens, SampleInfo)."""
-    import torch
-
-    from maskdiff.sampling import sample
-
-    model = run.model
-    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device)
-    denoiser = model.guided_denoiser(y, guidance) if y is not None else model.denoiser
-    time_agnostic = not model.time_conditioning
-    return sample(
-        denoiser, model.schedule, batch_size=num, length=model.network.seq_len, vocab_size=model.vocab_size,
-        num_steps=steps, grid=grid, generator=torch.Generator(device=device).manual_seed(seed),
-        temperature=temperature, top_p=top_p, precision=precision, cache=time_agnostic, time_agnostic=time_agnostic,
-        device=device, progress=progress, return_info=True, record_every=record_every,
-    )
-
-
-def _sample_image_run(args: argparse.Namespace, run: Any, dev: Any) -> int:
-    import torch
-
-    from maskdiff.images import class_grid, save_grid, unmasking_strip
-
-    net = run.model.network
-    shape = tuple(net.config.image_shape)
-    out = Path(args.out) if args.out else run.path / f"samples-{args.seed}.png"
-    if out.exists():
-        raise SystemExit(f"error: {out} exists; choose another --out (files are never overwritten)")
-    labels = None
-    if args.per_class:
-        if net.num_classes == 0:
-            raise SystemExit("error: --per-class needs a class-conditional run (model.class_conditional=true)")
-        labels = torch.arange(net.num_classes).repeat_interleave(args.per_class)
-    elif args.label is not None:
-        labels = torch.full((args.num,), args.label)
-    num = len(labels) if labels is not None else args.num
-    record = max(1, args.steps // 8) if args.strip else None
-    with torch.no_grad():
-        tokens, info = generate_images(run, num=num, steps=args.steps, grid=args.grid, labels=labels,
-                                       guidance=args.guidance, seed=args.seed, precision=args.precision,
-                                       temperature=args.temperature, top_p=args.top_p, record_every=record,
-                                       device=dev)
-    tokens = tokens.cpu()
-    if args.per_class:
-        class_grid(tokens, labels, shape, per_class=args.per_class, num_classes=net.num_classes, path=out,
-                   vocab_size=run.model.vocab_size, scale=2)
-    else:
-        save_grid(tokens, shape, out, vocab_size=run.model.vocab_size, scale=2)
-    print(f"wrote {num} samples to {out}", file=sys.stderr)
-    if args.strip:
-        strip = out.with_name(out.stem + "-strip.png")
-        unmasking_strip(info.trajectory[:, :4].cpu(), shape, strip, final=tokens[:4], vocab_size=run.model.vocab_size)
-        print(f"wrote the unmasking strip to {strip}", file=sys.stderr)
-    return 0
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    from maskdiff.checkpoint import load
+    import torch
 
-    dev = _device(args.device)
+    from maskdiff.apps.generate import generate_text, write_image_samples
+    from maskdiff.devices import resolve_device
+    from maskdiff.runs import load
+
+    if args.out and Path(args.out).exists():  # refused before any work
+        raise SystemExit(f"error: {args.out} exists; choose another --out (files are never overwritten)")
+    dev = resolve_device(args.device)
     run = load(args.run_dir, device=dev)
     if run.model.network.config.image_shape is not None:
-        return _sample_image_run(args, run, dev)
-    args.run_dir = run
-    with _torch_no_grad():
+        out = Path(args.out) if args.out else run.path / f"samples-{args.seed}.png"
+        if out.exists():
+            raise SystemExit(f"error: {out} exists; choose another --out (files are never overwritten)")
+        written = write_image_samples(
+            run, out, num=args.num, per_class=args.per_class, label=args.label, strip=args.strip, steps=args.steps,
+            grid=args.grid, guidance=args.guidance, seed=args.seed, precision=args.precision,
+            temperature=args.temperature, top_p=args.top_p, device=dev)
+        print(f"wrote the samples to {written[0]}", file=sys.stderr)
+        if len(written) > 1:
+            print(f"wrote the unmasking strip to {written[1]}", file=sys.stderr)
+        return 0
+    with torch.no_grad():
         texts, settings = generate_text(
-            args.run_dir, num=args.num, length=args.length, steps=args.steps, grid=args.grid, sampler=args.sampler,
+            run, num=args.num, length=args.length, steps=args.steps, grid=args.grid, sampler=args.sampler,
             top_p=args.top_p, top_k=args.top_k, temperature=args.temperature, precision=args.precision,
             prompt=args.prompt, suffix=args.suffix, infill=args.infill, gap=args.gap, gap_length=args.gap_length,
             seed=args.seed, cache=not args.no_cache, device=args.device, compute=args.compute,
         )
     if args.out:
-        out = Path(args.out)
-        if out.exists():
-            raise SystemExit(f"error: {out} exists; choose another --out (samples are never overwritten)")
-        with open(out, "w") as f:
+        from maskdiff.fileio import atomic_write
+
+        with atomic_write(args.out) as f:
             for i, text in enumerate(texts):
-                f.write(json.dumps({"index": i, "text": text, **settings}) + "\n")
-        print(f"wrote {len(texts)} samples to {out}", file=sys.stderr)
+                f.write((json.dumps({"index": i, "text": text, **settings}) + "\n").encode())
+        print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)
     else:
         for i, text in enumerate(texts):
             print(f"--- sample {i} ---\n{text}")
     return 0
 
 
-def _torch_no_grad() -> Any:
-    import torch
-
-    return torch.no_grad()
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the demo preset (resuming or reusing runs/demo), evaluate it, and print samples."""
-    from maskdiff.checkpoint import latest_checkpoint, write_json_atomic
-    from maskdiff.config import apply_overrides, config_from_dict, get_preset
-    from maskdiff.trainer import train
+    from maskdiff.apps.demo import run_demo
 
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    config = apply_overrides(get_preset("demo"), args.overrides)
-    if (out / "config.json").is_file():
-        saved = config_from_dict(json.loads((out / "config.json").read_text()))
-        ckpt = latest_checkpoint(out)
-        done = ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] >= saved.train.steps
-        if saved.to_dict() != config.to_dict():
-            raise SystemExit(f"error: {out} holds a run with another config; move it away or pass --out DIR")
-        if done:
-            print(f"{out} is already trained; evaluating it again (delete the folder to retrain)", file=sys.stderr)
-        else:
-            print(f"continuing the unfinished run in {out}", file=sys.stderr)
-            train(config, out, resume=ckpt is not None, overwrite=ckpt is None)
-    else:
-        print(f"training the demo model (MD4, {config.model.n_layers} layers × {config.model.d_model}) on "
-              f"character-level Wikipedia for {config.train.steps} steps; run folder {out}", file=sys.stderr)
-        train(config, out)
-    t_train = time.perf_counter() - t_start
-
-    result = run_eval(str(out), split="test", batch_size=128, progress=True)
-    results = {
-        "test_bpc": result["bits_per_token"],
-        "test_bpc_stderr": result["stderr"],
-        "test_bpc_ci95": result["ci95"],
-        "unigram_bpc": result["unigram_bits_per_token"],
-        "gain_over_unigram_bpc": result["unigram_bits_per_token"] - result["bits_per_token"],
-        "test_sequences": result["n_sequences"],
-        "seq_len": result["seq_len"],
-        "steps": result["step"],
-        "train_and_setup_seconds": t_train,
-    }
-    with _torch_no_grad():
-        texts, settings = generate_text(str(out), num=3, steps=128, seed=0, progress=False)
-        infilled, _ = generate_text(str(out), num=2, steps=128, seed=1, progress=False,
-                                    infill="the history of ___ is the study of ___ in the past", gap_length=12)
-    results["samples"] = texts
-    results["sample_settings"] = settings
-    results["infill_samples"] = infilled
-    write_json_atomic(out / "results.json", results)
-    lo, hi = result["ci95"]
-    print()
-    print(format_eval_table(result))
-    print()
-    print(f"test split: {result['bits_per_token']:.3f} bits/char (95% CI {lo:.3f}–{hi:.3f})   "
-          f"unigram: {result['unigram_bits_per_token']:.3f} bits/char   "
-          f"gain: {results['gain_over_unigram_bpc']:.3f} bits/char")
-    print("\nsamples (128 cosine-grid steps, float64 draws):")
-    for text in texts:
-        print(f"  > {text}")
-    print("\ninfilling 'the history of ___ is the study of ___ in the past':")
-    for text in infilled:
-        print(f"  > {text}")
-    print(f"\nresults in {out / 'results.json'}; total {time.perf_counter() - t_start:.0f} s")
+    run_demo(args.out, args.overrides)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from maskdiff.compare import compare_methods, format_table
+    from maskdiff.apps.compare import compare_methods, format_table
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     summary = compare_methods(args.preset, methods=methods, overrides=args.overrides, out_dir=args.out,
@@ -485,24 +304,120 @@ def cmd_presets(_: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(module: str, name: str) -> Any:
-    """A handler imported only when its subcommand runs."""
+def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
+    """``--path NAME=FILE`` items as a dict (the data set names are checked by the app)."""
+    paths: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--path takes NAME=FILE (e.g. --path wikitext2=wiki.test.raw), got {item!r}")
+        paths[key.strip()] = value.strip()
+    return paths
 
-    def handler(args: argparse.Namespace) -> int:
-        import importlib
 
-        return getattr(importlib.import_module(module), name)(args)
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    """``maskdiff zeroshot``: evaluate, write ``RUN_DIR/zeroshot.json``, print a Markdown table."""
+    from maskdiff.apps.zeroshot import format_zeroshot_table, run_zeroshot
 
-    return handler
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    summary = run_zeroshot(
+        args.run_dir, names, paths=_parse_paths(args.paths), convention=args.convention, split=args.split,
+        draws=args.draws, steps=args.steps, max_sequences=args.max_sequences, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, weights=args.weights, score_bos=args.score_bos,
+        skip_empty=args.skip_empty, progress=not args.no_progress,
+    )
+    header = f"{summary['run']} (step {summary['step']}, {summary['weights']} weights)"
+    print(format_zeroshot_table(summary["results"], header=header))
+    print(f"\nresults in {summary['file']}")
+    return 0
+
+
+def _free_name(path: Path) -> Path:
+    """``path`` if free, else ``stem-2.png``, ``stem-3.png``, ..."""
+    if not path.exists():
+        return path
+    i = 2
+    while (candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
+        i += 1
+    return candidate
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from maskdiff.apps.plots import (
+        FILE_NAMES,
+        PLOTS_DIR,
+        WHATS,
+        plot_elbo_vs_steps,
+        plot_genmd4_exponents,
+        plot_training_curves,
+    )
+    from maskdiff.runs import read_run_config
+
+    run_dir = Path(args.run_dir)
+    method = read_run_config(run_dir).diffusion.method
+    genmd4 = method == "genmd4"
+    if args.what is None:
+        whats = ["curves"] + (["exponents"] if genmd4 else [])
+    else:
+        whats = [w.strip() for w in args.what.split(",") if w.strip()]
+        unknown = [w for w in whats if w not in WHATS]
+        if unknown or not whats:
+            raise SystemExit(f"error: --what takes a comma-separated list of {', '.join(WHATS)}; got {args.what!r}")
+        if "exponents" in whats and not genmd4:
+            raise SystemExit(f"error: {run_dir} is a {method} run; "
+                             "--what exponents needs a GenMD4 run")
+    try:
+        steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}") from None
+    if "elbo" in whats and (not steps or min(steps) < 1):
+        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}")
+
+    ours = run_dir / PLOTS_DIR
+    out_dir = Path(args.out) if args.out else ours
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: --out {out_dir} exists and is not a folder; give a folder for the PNGs")
+    replace = out_dir.resolve() == ours.resolve()  # RUN_DIR/plots/ is ours: plots there are regenerated
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    written = []
+    for what in whats:
+        target = out_dir / FILE_NAMES[what].format(split=args.split)
+        if not replace:
+            target = _free_name(target)
+        if what == "curves":
+            path = plot_training_curves(run_dir, target, log_x=args.log_x)
+        elif what == "exponents":
+            path = plot_genmd4_exponents(run_dir, target)
+        else:
+            path = plot_elbo_vs_steps(run_dir, target, steps, split=args.split,
+                                      max_chunks=args.max_chunks or None, compute_missing=not args.no_compute,
+                                      seed=args.seed, batch_size=args.batch_size, device=args.device, progress=True)
+        written.append(path)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_genppl(args: argparse.Namespace) -> int:
+    """``maskdiff genppl``: write RUN_DIR/genppl-<precision>.json and print a table."""
+    from maskdiff.apps.genppl import format_quality_table, run_genppl
+
+    results = run_genppl(args.run_dir, precision=args.precision, scorer=args.scorer, reference=args.reference,
+                         num=args.num, steps=args.steps, seed=args.seed, length=args.length, grid=args.grid,
+                         top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                         batch_size=args.batch_size, device=args.device)
+    print(format_quality_table(results))
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "compare": cmd_compare,
+            "presets": cmd_presets, "zeroshot": cmd_zeroshot, "plot": cmd_plot, "genppl": cmd_genppl}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "presets": cmd_presets,
-                "compare": cmd_compare, "zeroshot": _lazy("maskdiff.zeroshot", "cmd_zeroshot"),
-                "plot": _lazy("maskdiff.plots", "cmd_plot"), "genppl": _lazy("maskdiff.genppl", "cmd_genppl")}
     try:
-        return handlers[args.command](args)
+        return HANDLERS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Bad input: one clear line instead of a traceback (set MASKDIFF_DEBUG=1 for the traceback).
         if os.environ.get("MASKDIFF_DEBUG"):

@@ -14,6 +14,9 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
+from maskdiff.data.images import IMAGE_DATASETS
+from maskdiff.networks import ARCHITECTURES as NETWORK_ARCHITECTURES
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -46,7 +49,7 @@ class DataConfig:
 class ModelConfig:
     """Denoiser size (vocabulary size and sequence length come from the data).
 
-    ``architecture="unet"`` (image sets only) builds :class:`maskdiff.unet.UNet`: ``d_model`` is
+    ``architecture="unet"`` (image sets only) builds :class:`maskdiff.networks.UNet`: ``d_model`` is
     then its base channel width, ``n_heads`` the heads of its middle attention, and the
     ``unet_*`` fields give its shape; ``n_layers`` and ``mlp_ratio`` are unused."""
 
@@ -147,8 +150,6 @@ class RunConfig:
         if m.architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {m.architecture!r}")
         if m.architecture == "unet":
-            from maskdiff.data.images import IMAGE_DATASETS
-
             if self.data.corpus.lower() not in IMAGE_DATASETS:
                 raise ValueError(f"model.architecture=unet is for image data ({', '.join(IMAGE_DATASETS)}); "
                                  f"data.corpus={self.data.corpus!r} needs model.architecture=transformer")
@@ -178,7 +179,7 @@ class RunConfig:
         return self
 
 
-ARCHITECTURES = ("transformer", "unet")
+ARCHITECTURES = tuple(NETWORK_ARCHITECTURES)  # the names registered in maskdiff.networks
 
 
 def unet_channel_mult(model: ModelConfig) -> tuple[int, ...]:

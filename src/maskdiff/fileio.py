@@ -1,4 +1,5 @@
-"""Atomic file writes: the one place where maskdiff writes a file that someone may be reading.
+"""Atomic file writes: the one place where maskdiff writes a file that someone may be reading
+(and the lenient JSON read that goes with it).
 
 Everything a user keeps (checkpoints' JSON, pretrained weights, evaluation results, caches,
 plots) is written to a temporary file next to its destination and moved into place with
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "write_json_atomic"]
+__all__ = ["atomic_path", "atomic_write", "write_json_atomic", "read_json"]
 
 
 @contextlib.contextmanager
@@ -56,3 +57,11 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool
     text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON content of ``path``, or None when it is missing, unreadable or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -9,12 +9,15 @@ Every random function takes an optional ``torch.Generator``; nothing here seeds 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from maskdiff.schedules import Schedule
 
 __all__ = [
+    "Denoiser",
     "uniform",
     "sample_times",
     "rescale_time",
@@ -23,6 +26,18 @@ __all__ = [
     "mask_tokens",
     "forward_sample",
 ]
+
+
+class Denoiser(Protocol):
+    """The network as the losses and the sampler call it: ``denoiser(z, t) -> logits``.
+
+    ``z`` LongTensor (B, L) (or (B, *S)) with the mask id V at masked positions, ``t`` float
+    tensor (B,), logits (B, L, V) (or (B, *S, V)): μ = softmax(logits) predicts the clean token at
+    every position. Optionally a ``time_conditioning`` attribute: ``False`` declares an output
+    that ignores t, which lets the sampler reuse outputs across steps.
+    """
+
+    def __call__(self, z: Tensor, t: Tensor) -> Tensor: ...
 
 
 def uniform(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskdiff.forward import discretize_time, forward_sample, rescale_time, sample_times
+from maskdiff.forward import Denoiser, discretize_time, forward_sample, rescale_time, sample_times
 from maskdiff.schedules import GenMD4Schedule, Schedule
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "genmd4_log_mask_probability",
 ]
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
 #: ``(z_t, t, x, masked) -> (B, *S)`` float32 cross-entropy at masked positions, 0 elsewhere.
 MaskedCrossEntropy = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 

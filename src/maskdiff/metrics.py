@@ -10,14 +10,26 @@ The objectives return nats per sequence. For sequences of L tokens:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["nats_to_bits", "bits_per_token", "perplexity", "MeanEstimate", "mean_estimate"]
+__all__ = [
+    "LN2",
+    "Z95",
+    "nats_to_bits",
+    "bits_per_token",
+    "perplexity",
+    "MeanEstimate",
+    "mean_estimate",
+    "ratio_estimate",
+    "eval_seed",
+]
 
 LN2 = math.log(2.0)
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: 95% intervals are mean ± Z95 · stderr
 
 
 def nats_to_bits(nats: float | Tensor) -> float | Tensor:
@@ -49,7 +61,7 @@ class MeanEstimate:
 
     @property
     def ci95(self) -> tuple[float, float]:
-        half = 1.959963984540054 * self.stderr
+        half = Z95 * self.stderr
         return (self.mean - half, self.mean + half)
 
     def scaled(self, factor: float) -> "MeanEstimate":
@@ -65,3 +77,32 @@ def mean_estimate(values: Tensor) -> MeanEstimate:
         raise ValueError("cannot estimate a mean from zero values")
     stderr = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
     return MeanEstimate(float(v.mean()), stderr, n)
+
+
+def ratio_estimate(sums: Tensor | Sequence[float], counts: Tensor | Sequence[float]) -> MeanEstimate:
+    """The token-weighted mean R = Σ S_i / Σ n_i with the ratio estimator's standard error.
+
+    ``sums[i]`` is a total over unit i (e.g. nats of one sequence), ``counts[i]`` how many tokens
+    it covers; the units are the independent draws. se = sqrt(Σ (S_i − R n_i)² / (N (N − 1))) / mean(n)
+    (docs/math.md, "Token-weighted averages: the ratio estimator"). With equal counts it equals
+    :func:`mean_estimate` of S_i / n_i. One unit gives an infinite standard error.
+    """
+    s = torch.as_tensor(sums, dtype=torch.float64).flatten()
+    n = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    if s.numel() != n.numel():
+        raise ValueError(f"sums and counts differ in length ({s.numel()} vs {n.numel()})")
+    if s.numel() == 0 or float(n.sum()) <= 0:
+        raise ValueError("cannot estimate a ratio from zero units or zero tokens")
+    r = float(s.sum() / n.sum())
+    k = s.numel()
+    if k < 2:
+        return MeanEstimate(r, float("inf"), k)
+    resid = s - r * n
+    se = math.sqrt(float((resid**2).sum()) / (k * (k - 1))) / float(n.mean())
+    return MeanEstimate(r, se, k)
+
+
+def eval_seed(seed: int, index: int) -> int:
+    """The seed of evaluation batch ``index`` under run seed ``seed``: each batch's draws are
+    independent of the order and number of batches before it."""
+    return seed * 1_000_003 + index

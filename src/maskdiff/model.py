@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from maskdiff.cross_entropy import linear_cross_entropy
 from maskdiff.losses import MaskedCrossEntropy, genmd4_losses, md4_loss_terms
-from maskdiff.network import DenoiserBase, Transformer, TransformerConfig
-from maskdiff.schedules import GenMD4Schedule, Schedule, get_schedule
+from maskdiff.networks import DenoiserBase
+from maskdiff.schedules import GenMD4Schedule, Schedule
 
-__all__ = ["MaskedDiffusion", "build_schedule", "build_model"]
+__all__ = ["MaskedDiffusion", "METHODS"]
 
 METHODS = ("md4", "genmd4", "ar")
 
@@ -32,7 +32,7 @@ class MaskedDiffusion(nn.Module):
 
     Args:
         network: denoiser ``network(z (B, L), t (B,)) -> logits (B, L, V)``: a
-            :class:`maskdiff.network.Transformer` or :class:`maskdiff.unet.UNet`.
+            :class:`maskdiff.networks.Transformer` or :class:`maskdiff.networks.UNet`.
         schedule: a scalar schedule (MD4) or a :class:`GenMD4Schedule` (registered as a submodule).
         method: ``"md4"``, ``"genmd4"`` or ``"ar"``.
         t1: GenMD4's lower time limit. antithetic: stratified time sampling across the batch.
@@ -197,62 +197,3 @@ class MaskedDiffusion(nn.Module):
             w = self.schedule.exponents.detach()
             return {"w_min": float(w.min()), "w_mean": float(w.mean()), "w_max": float(w.max())}
         return {}
-
-
-def build_schedule(diffusion: Any, vocab_size: int) -> Schedule:
-    """The schedule of a :class:`maskdiff.config.DiffusionConfig`."""
-    if diffusion.method == "genmd4":
-        return get_schedule("genmd4", vocab_size=vocab_size, init_exponent=diffusion.init_exponent, eps=diffusion.eps)
-    name = diffusion.schedule
-    params: dict[str, Any] = {"eps": diffusion.eps}
-    if name == "polynomial":
-        params["exponent"] = diffusion.exponent
-    elif name == "geometric":
-        params.update(beta_min=diffusion.beta_min, beta_max=diffusion.beta_max)
-    return get_schedule(name, **params)
-
-
-def build_model(
-    config: Any,
-    vocab_size: int,
-    *,
-    image_shape: tuple[int, int, int] | None = None,
-    num_classes: int = 0,
-) -> MaskedDiffusion:
-    """Build the MaskedDiffusion of a :class:`maskdiff.config.RunConfig` for a vocabulary of V.
-
-    ``image_shape`` (H, W, C) adds row/column/channel embeddings for pixel data (and is needed by
-    ``model.architecture="unet"``); ``num_classes`` is used when ``model.class_conditional`` is set.
-    """
-    m, d = config.model, config.diffusion
-    if m.class_conditional and num_classes < 1:
-        raise ValueError("model.class_conditional=true needs a labelled data set (this one has no labels)")
-    num_classes = num_classes if m.class_conditional else 0
-    if m.architecture == "unet":
-        from maskdiff.config import unet_channel_mult
-        from maskdiff.unet import UNet, UNetConfig
-
-        if image_shape is None:
-            raise ValueError("model.architecture=unet needs image data (image_shape)")
-        network: DenoiserBase = UNet(UNetConfig(
-            vocab_size=vocab_size, seq_len=config.data.seq_len, image_shape=image_shape,
-            base_channels=m.d_model, channel_mult=unet_channel_mult(m), res_blocks=m.unet_res_blocks,
-            mid_attention_layers=m.unet_attention_layers, n_heads=m.n_heads,
-            time_conditioning=m.time_conditioning, num_classes=num_classes, dropout=m.dropout,
-        ))
-    else:
-        network = Transformer(TransformerConfig(
-            vocab_size=vocab_size,
-            seq_len=config.data.seq_len,
-            n_layers=m.n_layers,
-            d_model=m.d_model,
-            n_heads=m.n_heads,
-            mlp_ratio=m.mlp_ratio,
-            time_conditioning=m.time_conditioning,
-            causal=m.causal,
-            dropout=m.dropout,
-            num_classes=num_classes,
-            image_shape=image_shape,
-        ))
-    return MaskedDiffusion(network, build_schedule(d, vocab_size), d.method, t1=d.t1,
-                           antithetic=d.antithetic, label_dropout=m.label_dropout if m.class_conditional else 0.0)

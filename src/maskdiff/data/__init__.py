@@ -37,6 +37,7 @@ from maskdiff.data.images import (
     shard_images,
 )
 from maskdiff.data.packing import pack_documents
+from maskdiff.data.sources import CHAR_CORPORA, load_data, tokenizer_for
 from maskdiff.data.splits import SPLIT_NAMES, TokenSplits, split_90_5_5, split_by_fraction
 from maskdiff.data.text8 import TEXT8_URL, load_text8
 from maskdiff.data.tokenizers import (
@@ -87,6 +88,10 @@ __all__ = [
     "split_by_fraction",
     "pack_documents",
     "default_cache_dir",
+    # a run's data
+    "CHAR_CORPORA",
+    "load_data",
+    "tokenizer_for",
     # batches
     "random_crops",
     "eval_chunks",

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from maskdiff.data.batches import random_crops, shard
 from maskdiff.data.tokenizers import Tokenizer
 
 __all__ = ["TokenSplits", "SPLIT_NAMES", "split_90_5_5", "split_by_fraction", "check_fractions"]
@@ -66,6 +68,50 @@ class TokenSplits:
             f"{self.name} (vocab {self.vocab_size}, {dtype}): {parts} tokens "
             f"(total {sum(sizes.values()):,})"
         )
+
+    # The data interface shared with ImageSplits (the trainer calls only these).
+
+    @property
+    def image_shape(self) -> None:
+        """None: text has no image shape (``ImageSplits.image_shape`` is ``(H, W, C)``)."""
+        return None
+
+    @property
+    def num_classes(self) -> int:
+        """0: text corpora have no class labels."""
+        return 0
+
+    def meta(self) -> dict[str, Any]:
+        """What a run's ``meta.json`` records beyond :meth:`sizes`: nothing for text (``{}``)."""
+        return {}
+
+    def shard_for(self, stream: int, n_streams: int, seq_len: int) -> np.ndarray:
+        """The training shard of stream ``stream`` of ``n_streams``, for :meth:`draw`.
+
+        It is :func:`~maskdiff.data.batches.shard` of the training stream: a contiguous 1-D view
+        ``(n,)``; the shards of all streams in order are exactly the training stream and their
+        sizes differ by at most one token.
+
+        Raises:
+            ValueError: the shard holds fewer than ``seq_len`` tokens (no crop fits).
+        """
+        s = shard(self.train, stream, n_streams)
+        if len(s) < seq_len:
+            raise ValueError(f"training shard {stream} holds {len(s)} tokens, fewer than data.seq_len={seq_len}")
+        return s
+
+    def draw(
+        self, shard: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, None]:
+        """A training batch from a :meth:`shard_for` shard: :func:`~maskdiff.data.batches.random_crops` of it.
+
+        ``batch_size`` windows of ``seq_len`` tokens at uniform offsets, from one
+        ``torch.randint`` on ``generator`` (so a restored generator continues the stream).
+
+        Returns:
+            ``(x, None)``: ``x`` int64 ``(batch_size, seq_len)`` on the CPU; text has no labels.
+        """
+        return random_crops(shard, batch_size, seq_len, generator), None
 
 
 def split_90_5_5(n: int) -> tuple[int, int]:

@@ -59,7 +59,6 @@ unit of the sequence given (characters for a character model).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
@@ -79,7 +78,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from maskdiff import runs
+from maskdiff.apps.generate import generate_tokens
+from maskdiff.build import run_data
+from maskdiff.data import CHAR_CORPORA
+from maskdiff.data._cache import default_cache_dir, sha256_file
 from maskdiff.devices import resolve_device
+from maskdiff.fileio import write_json_atomic
 
 __all__ = [
     "Scorer",
@@ -92,8 +97,7 @@ __all__ = [
     "sample_quality",
     "reference_quality",
     "format_quality_table",
-    "register_cli",
-    "cmd_genppl",
+    "run_genppl",
 ]
 
 SCORER_NAMES = ("auto", "gpt2-large", "smollm2-135m")
@@ -217,7 +221,6 @@ def _load_smollm2(device: torch.device, *, cache_dir: str | os.PathLike[str] | N
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from maskdiff.data._cache import default_cache_dir, sha256_file
 
     t0 = time.perf_counter()
     gguf, version, digest = smollm2_gguf_path()
@@ -563,13 +566,13 @@ def unigram_entropy(samples: Any, *, unit: str = "token") -> dict[str, Any]:
 
 
 def _model_unit(run: Any) -> str:
-    return "character" if run.config.data.corpus in ("wiki-char", "text8") else "GPT-2 token"
+    return "character" if run.config.data.corpus in CHAR_CORPORA else "GPT-2 token"
 
 
 def _load_run(run_dir_or_run: Any, device: torch.device) -> Any:
-    from maskdiff.checkpoint import LoadedRun, load
-
-    return run_dir_or_run if isinstance(run_dir_or_run, LoadedRun) else load(run_dir_or_run, device=str(device))
+    if isinstance(run_dir_or_run, runs.LoadedRun):
+        return run_dir_or_run
+    return runs.load(run_dir_or_run, device=str(device))
 
 
 def _get_scorer(scorer: Scorer | str, device: str | torch.device | None) -> Scorer:
@@ -600,7 +603,7 @@ def sample_quality(
     """Draw ``num`` unconditional samples from a run and report their quality.
 
     ``run``: a run folder or a :class:`~maskdiff.checkpoint.LoadedRun`. Sampling is the same
-    call as ``maskdiff sample`` (:func:`maskdiff.cli.generate_tokens`, float32 network) with the same seed, so the
+    call as ``maskdiff sample`` (:func:`maskdiff.apps.generate.generate_tokens`, float32 network) with the same seed, so the
     texts are identical to what that command prints; the token ids are kept for the entropy.
     ``scorer``: a :class:`Scorer` or a name for :func:`load_scorer` (loaded on
     ``scorer_device``, default the sampling device).
@@ -612,8 +615,6 @@ def sample_quality(
     settings), ``precision``, ``scorer`` (label), ``num_samples``, ``run``/``step``/``weights``,
     timings, and the sample ``texts``.
     """
-    from maskdiff.cli import generate_tokens
-
     dev = resolve_device(device)
     loaded = _load_run(run, dev)
     sc = _get_scorer(scorer, scorer_device or dev)
@@ -681,13 +682,11 @@ def reference_quality(
     run's ``split`` (default the test split), decoded and scored like samples. A calibration
     row: it shows what the scorer makes of real text in this corpus's format (for
     character-level text8-style data: lower case, no punctuation)."""
-    from maskdiff.data import load_corpus
-
     dev = resolve_device(device)
     loaded = _load_run(run, dev)
     cfg, tok = loaded.config, loaded.tokenizer
     length = length or cfg.data.seq_len
-    data = np.asarray(load_corpus(cfg.data.corpus, path=cfg.data.path, cache_dir=cfg.data.cache_dir).split(split))
+    data = np.asarray(run_data(cfg).split(split))
     chunks = len(data) // length
     if chunks < 1:
         raise ValueError(f"the {split} split has fewer than {length} tokens")
@@ -744,55 +743,28 @@ def format_quality_table(results: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``genppl`` subcommand to ``maskdiff``'s subparsers (handler: :func:`cmd_genppl`)."""
-    p = subparsers.add_parser(
-        "genppl", help="generative perplexity of samples under a causal LM, with sample entropy",
-        description="Sample from a run and score the samples under a causal language model (GPT-2 Large when "
-                    "available, else the offline SmolLM2-135M); reports gen PPL with a 95% interval, the samples' "
-                    "unigram entropy, the sampler settings and the categorical precision. Writes "
-                    "RUN_DIR/genppl-<precision>.json.")
-    p.add_argument("run_dir")
-    p.add_argument("--num", type=int, default=32, help="number of samples")
-    p.add_argument("--steps", type=int, default=256, help="sampling steps T")
-    p.add_argument("--precision", default="float64", choices=["float64", "float32", "both"],
-                   help="categorical draws: float64 exact, float32 reference Gumbel-max, or both (same seed)")
-    p.add_argument("--scorer", default="auto", choices=list(SCORER_NAMES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--grid", default="cosine", choices=["cosine", "uniform"])
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the run's seq_len)")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per scorer forward pass")
-    p.add_argument("--reference", action="store_true",
-                   help="also score NUM chunks of the test split the same way (written to genppl-data.json)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(handler=cmd_genppl)
-    return p
-
-
-def cmd_genppl(args: argparse.Namespace) -> int:
-    """Run ``maskdiff genppl``: write RUN_DIR/genppl-<precision>.json and print a table."""
-    from maskdiff.checkpoint import write_json_atomic
-
-    dev = resolve_device(args.device)
-    run = _load_run(args.run_dir, dev)
-    scorer = load_scorer(args.scorer, dev)
-    precisions = ["float64", "float32"] if args.precision == "both" else [args.precision]
+def run_genppl(run_dir: str | os.PathLike[str], *, precision: str = "float64", scorer: str = "auto",
+               reference: bool = False, num: int = 32, steps: int = 256, seed: int = 0, length: int | None = None,
+               grid: str = "cosine", top_p: float | None = None, top_k: int | None = None,
+               temperature: float = 1.0, batch_size: int = 8, device: str = "auto") -> list[dict[str, Any]]:
+    """``maskdiff genppl``: sample quality for each precision (``"both"``: float64 and float32, same
+    seed) written to ``RUN_DIR/genppl-<precision>.json``, plus the real-data row
+    (``genppl-data.json``) with ``reference``. Returns the results in that order."""
+    dev = resolve_device(device)
+    run = _load_run(run_dir, dev)
+    sc = load_scorer(scorer, dev)
+    precisions = ["float64", "float32"] if precision == "both" else [precision]
     results = []
     for prec in precisions:
-        res = sample_quality(run, num=args.num, steps=args.steps, precision=prec, seed=args.seed, scorer=scorer,
-                             length=args.length, grid=args.grid, top_p=args.top_p, top_k=args.top_k,
-                             temperature=args.temperature, batch_size=args.batch_size, device=str(dev))
-        out = Path(args.run_dir) / f"genppl-{prec}.json"
+        res = sample_quality(run, num=num, steps=steps, precision=prec, seed=seed, scorer=sc, length=length,
+                             grid=grid, top_p=top_p, top_k=top_k, temperature=temperature, batch_size=batch_size,
+                             device=str(dev))
+        out = Path(run_dir) / f"genppl-{prec}.json"
         write_json_atomic(out, res)
         print(f"wrote {out}", file=sys.stderr)
         results.append(res)
-    if args.reference:
-        ref = reference_quality(run, num=args.num, scorer=scorer, length=args.length, batch_size=args.batch_size,
-                                device=str(dev))
-        write_json_atomic(Path(args.run_dir) / "genppl-data.json", ref)
+    if reference:
+        ref = reference_quality(run, num=num, scorer=sc, length=length, batch_size=batch_size, device=str(dev))
+        write_json_atomic(Path(run_dir) / "genppl-data.json", ref)
         results.append(ref)
-    print(format_quality_table(results))
-    return 0
+    return results

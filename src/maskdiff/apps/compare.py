@@ -15,17 +15,21 @@ Notes on fairness, also printed under the table:
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maskdiff.checkpoint import write_json_atomic
+import torch
+
+from maskdiff.apps.likelihood import run_eval
+from maskdiff.build import run_data
+from maskdiff.checkpoint import checkpoint_step
 from maskdiff.config import RunConfig, apply_overrides, get_preset
-from maskdiff.metrics import LN2
+from maskdiff.fileio import write_json_atomic
+from maskdiff.metrics import LN2, mean_estimate
+from maskdiff.training import train
 
 __all__ = ["compare_methods", "unigram_estimate", "format_table", "METHOD_OVERRIDES"]
 
@@ -43,9 +47,8 @@ def unigram_estimate(train: np.ndarray, test: np.ndarray, vocab_size: int, seq_l
     n = len(test) // seq_len
     chunks = np.asarray(test[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
     per_chunk_bits = -log_p[chunks].sum(1) / (seq_len * LN2)
-    mean = float(per_chunk_bits.mean())
-    se = float(per_chunk_bits.std(ddof=1) / math.sqrt(n))
-    return {"bits_per_token": mean, "stderr": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n_sequences": n,
+    est = mean_estimate(torch.from_numpy(per_chunk_bits))
+    return {"bits_per_token": est.mean, "stderr": est.stderr, "ci95": list(est.ci95), "n_sequences": n,
             "exact": True}
 
 
@@ -61,14 +64,10 @@ def compare_methods(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train each method at the same budget, evaluate on the test split, and write a table."""
-    from maskdiff.cli import run_eval
-    from maskdiff.checkpoint import latest_checkpoint
-    from maskdiff.trainer import load_data, train
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = apply_overrides(get_preset(preset), list(overrides or []))
-    data = load_data(base)
+    data = run_data(base)
     rows: dict[str, Any] = {
         "unigram": unigram_estimate(data.train, data.test, data.vocab_size, base.data.seq_len),
     }
@@ -78,10 +77,10 @@ def compare_methods(
         cfg: RunConfig = apply_overrides(base, METHOD_OVERRIDES[method] + [f"name={base.name}-{method}"])
         run_dir = out_dir / method
         t0 = time.perf_counter()
-        ckpt = latest_checkpoint(run_dir)
-        done = ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] >= cfg.train.steps
+        step = checkpoint_step(run_dir)
+        done = step is not None and step >= cfg.train.steps
         if not done:
-            train(cfg, run_dir, resume=ckpt is not None, progress=progress)
+            train(cfg, run_dir, resume=step is not None, progress=progress)
         seconds = time.perf_counter() - t0
         result = run_eval(str(run_dir), split="test", draws=eval_draws, seed=eval_seed, batch_size=128,
                           max_chunks=max_chunks, progress=progress)

@@ -14,7 +14,6 @@ the global backend), and written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,20 +22,23 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from maskdiff.fileio import atomic_path
+from maskdiff import runs
+from maskdiff.apps.likelihood import elbo_vs_steps
+from maskdiff.data import CHAR_CORPORA
+from maskdiff.fileio import atomic_path, read_json
 
 __all__ = [
     "plot_training_curves",
     "plot_genmd4_exponents",
     "plot_elbo_vs_steps",
     "read_metrics",
-    "elbo_points",
-    "register_cli",
-    "cmd_plot",
+    "PLOTS_DIR",
+    "FILE_NAMES",
+    "WHATS",
 ]
 
-CHAR_CORPORA = ("wiki-char", "text8")
 PLOTS_DIR = "plots"
+WHATS = ("curves", "exponents", "elbo")
 FILE_NAMES = {
     "curves": "training-curves.png",
     "exponents": "genmd4-exponents.png",
@@ -51,15 +53,8 @@ BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d627
 # Reading a run folder
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    cfg = _read_json(run_dir / "config.json")
+    cfg = read_json(run_dir / "config.json")
     if cfg is None:
         raise FileNotFoundError(
             f"{run_dir} is not a run folder: config.json is missing or unreadable "
@@ -129,7 +124,7 @@ def _eval_files(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Continuous-time evaluations ``eval-<split>.json`` of the run, by split."""
     found = {}
     for split in ("train", "validation", "test"):
-        rec = _read_json(run_dir / f"eval-{split}.json")
+        rec = read_json(run_dir / f"eval-{split}.json")
         if rec and "bits_per_token" in rec and not rec.get("num_steps"):
             found[split] = rec
     return found
@@ -141,10 +136,10 @@ def _unigram_bits(run_dir: Path) -> tuple[float, str] | None:
         if split in evals and evals[split].get("unigram_bits_per_token") is not None:
             return float(evals[split]["unigram_bits_per_token"]), split
     for path in sorted(run_dir.glob("eval-*.json")):
-        rec = _read_json(path)
+        rec = read_json(path)
         if rec and rec.get("unigram_bits_per_token") is not None:
             return float(rec["unigram_bits_per_token"]), str(rec.get("split", "?"))
-    res = _read_json(run_dir / "results.json")
+    res = read_json(run_dir / "results.json")
     if res and res.get("unigram_bpc") is not None:
         return float(res["unigram_bpc"]), "test"
     return None
@@ -346,8 +341,6 @@ def plot_genmd4_exponents(run_dir: str | os.PathLike, out_png: str | os.PathLike
     Up to 64 vocabulary entries (character runs) every token is shown; larger vocabularies
     (GPT-2) show the ``top`` largest and smallest exponents and a histogram of all of them.
     """
-    from maskdiff.checkpoint import load
-
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
     if config.get("diffusion", {}).get("method") != "genmd4":
@@ -355,7 +348,7 @@ def plot_genmd4_exponents(run_dir: str | os.PathLike, out_png: str | os.PathLike
             f"{run_dir} is a {config.get('diffusion', {}).get('method', '?')} run; "
             "learned exponents exist only for GenMD4 runs"
         )
-    run = load(run_dir, device="cpu")
+    run = runs.load(run_dir, device="cpu")
     schedule = run.model.schedule
     w = schedule.exponents.detach().double().cpu().numpy()
     init = float(getattr(schedule, "init_exponent", config["diffusion"].get("init_exponent", 1.0)))
@@ -453,100 +446,6 @@ def plot_genmd4_exponents(run_dir: str | os.PathLike, out_png: str | os.PathLike
 # ELBO against the number of steps
 
 
-def _eval_name(split: str, steps: int | None, seed: int = 0) -> str:
-    from maskdiff.cli import eval_file_name
-
-    return eval_file_name(split, steps=steps, seed=seed)
-
-
-def _matches(rec: dict[str, Any] | None, want: dict[str, Any]) -> bool:
-    return bool(rec) and all(rec.get(k) == v for k, v in want.items())
-
-
-def elbo_points(
-    run_dir: str | os.PathLike,
-    steps: Iterable[int] = (10, 100, 1000),
-    *,
-    split: str = "test",
-    max_chunks: int | None = 1024,
-    compute_missing: bool = True,
-    seed: int = 0,
-    batch_size: int = 64,
-    device: str = "auto",
-    progress: bool = False,
-) -> dict[int | None, dict[str, Any]]:
-    """Evaluations for each T in ``steps`` and for continuous time (key ``None``).
-
-    With ``compute_missing`` every point is made comparable: the same checkpoint, the same
-    ``seed`` (so the same time/mask draws, discretised for L_T: a paired comparison) and the same
-    first ``max_chunks`` chunks (``None``: the whole split). The run's own
-    ``eval-<split>[-T<T>][-seed<S>].json`` (:func:`maskdiff.cli.eval_file_name`) is used when it matches; a missing one is computed with
-    :func:`maskdiff.cli.run_eval` (which writes it); one that exists but does not match (say, a
-    whole-split evaluation) is left alone and the matching figure is computed into
-    ``RUN_DIR/plots/cache/``. Without ``compute_missing`` whatever exists is returned as it is.
-    """
-    from maskdiff.checkpoint import latest_checkpoint
-
-    run_dir = Path(run_dir)
-    config = _run_config(run_dir)
-    wanted: list[int | None] = sorted({int(s) for s in steps})
-    if any(s < 1 for s in wanted):  # type: ignore[operator]
-        raise ValueError(f"steps must be positive integers, got {list(steps)}")
-    wanted.append(None)
-    cache = run_dir / PLOTS_DIR / "cache"
-    points: dict[int | None, dict[str, Any]] = {}
-    if not compute_missing:
-        for s in wanted:
-            rec = _read_json(run_dir / _eval_name(split, s, seed))
-            if rec is None:
-                cached = sorted(cache.glob(_eval_name(split, s)[:-5] + f"-n*-seed{seed}-step*.json"),
-                                key=lambda p: p.stat().st_mtime)
-                rec = _read_json(cached[-1]) if cached else None
-            if rec is not None:
-                points[s] = rec
-        return points
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint to evaluate")
-    step = int(json.loads((ckpt / "state.json").read_text())["step"])
-    from maskdiff.data import load_corpus, num_eval_chunks
-
-    d = config["data"]
-    data = load_corpus(d["corpus"], path=d.get("path"), cache_dir=d.get("cache_dir"))
-    n_chunks = num_eval_chunks(data.split(split), d["seq_len"])
-    if max_chunks is not None:
-        n_chunks = min(n_chunks, int(max_chunks))
-    weights = "ema" if (ckpt / "ema.safetensors").is_file() else "raw"  # what run_eval's default loads
-    want = {"step": step, "seed": seed, "n_sequences": n_chunks, "num_time_draws": 1, "weights": weights,
-            "split": split}
-    for s in wanted:
-        own = run_dir / _eval_name(split, s, seed)
-        rec = _read_json(own)
-        if _matches(rec, want):
-            points[s] = rec
-            continue
-        if not own.exists():
-            from maskdiff.cli import run_eval
-
-            print(f"evaluating {split} split, {'T=' + str(s) if s else 'continuous time'}, {n_chunks} chunks → {own}",
-                  file=sys.stderr)
-            points[s] = run_eval(str(run_dir), split=split, steps=s, seed=seed, batch_size=batch_size,
-                                 max_chunks=n_chunks, device=device, progress=progress)
-            continue
-        mine = cache / (_eval_name(split, s)[:-5] + f"-n{n_chunks}-seed{seed}-step{step}.json")
-        rec = _read_json(mine)
-        if not _matches(rec, want):
-            print(f"{own.name} was computed differently (another checkpoint, seed or number of sequences); "
-                  f"evaluating {n_chunks} chunks into {mine}", file=sys.stderr)
-            from maskdiff.cli import run_eval
-
-            rec = run_eval(str(run_dir), split=split, steps=s, seed=seed, batch_size=batch_size,
-                           max_chunks=n_chunks, device=device, progress=progress, out=mine)
-        points[s] = rec
-    return points
-
-
 def plot_elbo_vs_steps(
     run_dir: str | os.PathLike,
     out_png: str | os.PathLike,
@@ -562,11 +461,11 @@ def plot_elbo_vs_steps(
 ) -> Path:
     """Discrete-time NELBO L_T (bits/token, 95% CI) against T, with the continuous-time L_∞ as a band.
 
-    See :func:`elbo_points` for where the figures come from and when they are computed.
+    See :func:`maskdiff.apps.likelihood.elbo_vs_steps` for where the figures come from and when they are computed.
     """
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
-    points = elbo_points(run_dir, steps, split=split, max_chunks=max_chunks, compute_missing=compute_missing,
+    points = elbo_vs_steps(run_dir, steps, split=split, max_chunks=max_chunks, compute_missing=compute_missing,
                          seed=seed, batch_size=batch_size, device=device, progress=progress)
     discrete = sorted((s, r) for s, r in points.items() if s is not None)
     cont = points.get(None)
@@ -621,91 +520,3 @@ def plot_elbo_vs_steps(
     ax.set_title(sub, fontsize=8.5, color="#444444", wrap=True)
     fig.suptitle(f"{_run_title(run_dir, config)} — ELBO vs number of steps", fontsize=12)
     return _save(fig, out_png)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: maskdiff plot RUN_DIR [--what ...] [--out DIR]
-
-WHATS = ("curves", "exponents", "elbo")
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``plot`` to ``maskdiff``'s sub-commands (its handler is :func:`cmd_plot`)."""
-    p = subparsers.add_parser(
-        "plot", help="draw PNG plots of a run: training curves, GenMD4 exponents, ELBO vs steps",
-        description="Write PNG plots of a run folder. By default: training curves, and the learned exponents for "
-                    "GenMD4 runs, into RUN_DIR/plots/ (replacing earlier plots there). `--what elbo` evaluates the "
-                    "discrete-time ELBO for each --steps T that has no eval file yet (this takes a while on big runs).",
-    )
-    p.add_argument("run_dir")
-    p.add_argument("--what", default=None,
-                   help="comma-separated: curves, exponents, elbo (default: curves, plus exponents for GenMD4 runs)")
-    p.add_argument("--out", default=None,
-                   help="folder for the PNGs (default RUN_DIR/plots/); files already in a folder of yours are "
-                        "never replaced: a new name is chosen")
-    p.add_argument("--steps", default="10,100,1000", help="T values for --what elbo (comma-separated)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split for --what elbo")
-    p.add_argument("--max-chunks", type=int, default=1024,
-                   help="--what elbo: evaluate the first N chunks of the split (0: all of it; default 1024)")
-    p.add_argument("--no-compute", action="store_true", help="--what elbo: plot only evaluations that exist")
-    p.add_argument("--seed", type=int, default=0, help="--what elbo: evaluation seed (the same for every T)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--log-x", action="store_true", help="training curves against log(step)")
-    return p
-
-
-def _free_name(path: Path) -> Path:
-    """``path`` if free, else ``stem-2.png``, ``stem-3.png``, ..."""
-    if not path.exists():
-        return path
-    i = 2
-    while (candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
-        i += 1
-    return candidate
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    config = _run_config(run_dir)
-    genmd4 = config.get("diffusion", {}).get("method") == "genmd4"
-    if args.what is None:
-        whats = ["curves"] + (["exponents"] if genmd4 else [])
-    else:
-        whats = [w.strip() for w in args.what.split(",") if w.strip()]
-        unknown = [w for w in whats if w not in WHATS]
-        if unknown or not whats:
-            raise SystemExit(f"error: --what takes a comma-separated list of {', '.join(WHATS)}; got {args.what!r}")
-        if "exponents" in whats and not genmd4:
-            raise SystemExit(f"error: {run_dir} is a {config.get('diffusion', {}).get('method')} run; "
-                             "--what exponents needs a GenMD4 run")
-    try:
-        steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}") from None
-    if "elbo" in whats and (not steps or min(steps) < 1):
-        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}")
-
-    ours = run_dir / PLOTS_DIR
-    out_dir = Path(args.out) if args.out else ours
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"error: --out {out_dir} exists and is not a folder; give a folder for the PNGs")
-    replace = out_dir.resolve() == ours.resolve()  # RUN_DIR/plots/ is ours: plots there are regenerated
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    written = []
-    for what in whats:
-        target = out_dir / FILE_NAMES[what].format(split=args.split)
-        if not replace:
-            target = _free_name(target)
-        if what == "curves":
-            path = plot_training_curves(run_dir, target, log_x=args.log_x)
-        elif what == "exponents":
-            path = plot_genmd4_exponents(run_dir, target)
-        else:
-            path = plot_elbo_vs_steps(run_dir, target, steps, split=args.split,
-                                      max_chunks=args.max_chunks or None, compute_missing=not args.no_compute,
-                                      seed=args.seed, batch_size=args.batch_size, device=args.device, progress=True)
-        written.append(path)
-        print(f"wrote {path}", file=sys.stderr)
-    return 0

@@ -87,7 +87,6 @@ with few sequences the sample standard error tends to be too small; use several 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -104,8 +103,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskdiff.data.hf import import_datasets
-from maskdiff.data.tokenizers import GPT2_EOT_ID, GPT2_VOCAB_SIZE
+from maskdiff import runs
+from maskdiff.data.hf import import_datasets, resolve_local_files
+from maskdiff.fileio import write_json_atomic
+from maskdiff.data.tokenizers import GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPT2Tokenizer
 from maskdiff.metrics import LN2
 
 __all__ = [
@@ -129,8 +130,6 @@ __all__ = [
     "zeroshot_perplexity",
     "format_zeroshot_table",
     "run_zeroshot",
-    "register_cli",
-    "cmd_zeroshot",
 ]
 
 CONVENTIONS = ("concat", "pad")
@@ -390,7 +389,6 @@ def _names_split(relative: Path, split: str) -> bool:
 
 def _local_files(spec: ZeroShotDataset, path: str | os.PathLike[str], split: str) -> list[Path]:
     """The data files named by ``path``; in a folder, those of ``split`` (see the module docs)."""
-    from maskdiff.data.hf import resolve_local_files
 
     root = Path(path).expanduser()
     files = resolve_local_files(root)  # a file, a glob or a folder (recursive); raises if empty
@@ -654,7 +652,6 @@ def pad_sequences(
 
 
 def _tokenized(rows: Sequence[str], detokenize: Callable[[str], str] | None, chunk: int = 512) -> Iterator[list[int]]:
-    from maskdiff.data.tokenizers import GPT2Tokenizer
 
     tok = GPT2Tokenizer()
     for start in range(0, len(rows), chunk):
@@ -1040,16 +1037,6 @@ def format_zeroshot_table(results: Sequence[dict[str, Any]], *, header: str | No
     return "\n".join(lines)
 
 
-def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
-    paths: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"--path takes NAME=FILE (e.g. --path wikitext2=wiki.test.raw), got {item!r}")
-        paths[get_dataset(key).key] = value.strip()
-    return paths
-
-
 def run_zeroshot(
     run_dir: str | os.PathLike[str],
     datasets: Sequence[str],
@@ -1073,15 +1060,13 @@ def run_zeroshot(
     Results are stored under ``"<dataset>/<convention>/<split>"``, so runs on other data sets or
     conventions add to the file instead of replacing it.
     """
-    from maskdiff.checkpoint import load, write_json_atomic
-
     specs = [get_dataset(d) for d in datasets]
     if not specs:
         raise ValueError("no data sets given: --datasets lambada,wikitext2,wikitext103,ptb,lm1b")
     paths = {get_dataset(k).key: v for k, v in (paths or {}).items()}
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    run = load(run_dir, weights=weights, device=device)
+    run = runs.load(run_dir, weights=weights, device=device)
     check_gpt2_model(run.model)
     autocast = torch.bfloat16 if str(device).startswith("cuda") else None
     results = []
@@ -1102,48 +1087,3 @@ def run_zeroshot(
         stored[f"{r['dataset']}/{r['convention']}/{r['split']}"] = r
     write_json_atomic(out, {"run": str(run_dir), "results": stored})
     return {"run": str(run_dir), "step": run.step, "weights": run.weights, "results": results, "file": str(out)}
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``zeroshot`` subcommand to ``maskdiff``'s subparsers (it dispatches to :func:`cmd_zeroshot`)."""
-    p = subparsers.add_parser(
-        "zeroshot",
-        help="zero-shot perplexity bound on LAMBADA, WikiText-2/103, PTB, One Billion Words",
-        description="NELBO perplexity bound of a GPT-2-token run on the diffusion-LM papers' zero-shot data sets, "
-        "read with Hugging Face datasets (Hub or local files), with the literature's detokenisers.",
-    )
-    p.add_argument("run_dir")
-    p.add_argument("--datasets", default=",".join(DATASETS),
-                   help=f"comma-separated data sets (default: all: {','.join(DATASETS)})")
-    p.add_argument("--path", dest="paths", action="append", default=[], metavar="NAME=FILE",
-                   help="read a data set from a local file, glob or folder instead of the Hub (repeatable)")
-    p.add_argument("--convention", default="concat", choices=list(CONVENTIONS),
-                   help="concat: rows joined with end-of-text and cut into blocks; pad: one EOT-padded row each")
-    p.add_argument("--split", default=None, help="split to evaluate (default: test)")
-    p.add_argument("--draws", type=int, default=1, help="time draws per sequence")
-    p.add_argument("--steps", type=int, default=None, help="discrete-time ELBO with T steps (default: continuous)")
-    p.add_argument("--max-sequences", type=int, default=None, help="evaluate only the first N blocks/sequences")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
-    p.add_argument("--score-bos", action="store_true", help="pad: also score the leading end-of-text (as MDLM)")
-    p.add_argument("--skip-empty", action="store_true", help="drop empty rows (kept by default, as in the papers)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_zeroshot)
-    return p
-
-
-def cmd_zeroshot(args: argparse.Namespace) -> int:
-    """``maskdiff zeroshot``: evaluate, write ``RUN_DIR/zeroshot.json``, print a Markdown table."""
-    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    summary = run_zeroshot(
-        args.run_dir, names, paths=_parse_paths(args.paths), convention=args.convention, split=args.split,
-        draws=args.draws, steps=args.steps, max_sequences=args.max_sequences, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, weights=args.weights, score_bos=args.score_bos,
-        skip_empty=args.skip_empty, progress=not args.no_progress,
-    )
-    header = f"{summary['run']} (step {summary['step']}, {summary['weights']} weights)"
-    print(format_zeroshot_table(summary["results"], header=header))
-    print(f"\nresults in {summary['file']}")
-    return 0

@@ -1,6 +1,6 @@
 """A convolutional denoiser for pixel data: a U-Net with a self-attention middle.
 
-The sequence transformer (:mod:`maskdiff.network`) treats an image as a flat sequence of
+The sequence transformer (:mod:`maskdiff.networks.transformer`) treats an image as a flat sequence of
 H·W·C sub-pixel tokens and must learn locality from data. This network works on the image grid
 itself, which is what the MD4 paper used for CIFAR-10 and ImageNet 64×64:
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskdiff.network import DenoiserBase, TimeEmbedding
+from maskdiff.networks.base import DenoiserBase, TimeEmbedding
 
 __all__ = ["UNetConfig", "UNet"]
 

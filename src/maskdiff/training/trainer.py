@@ -54,19 +54,20 @@ from maskdiff.checkpoint import (
     load_checkpoint,
     prepare_run_folder,
     save_checkpoint,
-    write_json_atomic,
 )
 from maskdiff.config import RunConfig
-from maskdiff.data import IMAGE_DATASETS, ImageSplits, TokenSplits, load_corpus, load_images, random_crops, shard
+from maskdiff.build import build_model, run_data
+from maskdiff.data import ImageSplits, TokenSplits, random_crops, shard
 from maskdiff.data.images import random_images, shard_images
-from maskdiff.ema import EMA
+from maskdiff.training.ema import EMA
 from maskdiff.evaluate import evaluate_images, evaluate_nelbo
 from maskdiff.metrics import LN2
-from maskdiff.model import MaskedDiffusion, build_model
 from maskdiff.devices import resolve_device
-from maskdiff.network import build_network
+from maskdiff.fileio import write_json_atomic
+from maskdiff.model import MaskedDiffusion
+from maskdiff.networks import build_network
 
-__all__ = ["Trainer", "train", "learning_rate", "resolve_device", "load_data"]
+__all__ = ["Trainer", "train", "learning_rate"]
 
 
 def learning_rate(step: int, cfg: Any, total_steps: int) -> float:
@@ -82,19 +83,6 @@ def learning_rate(step: int, cfg: Any, total_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def load_data(config: RunConfig) -> TokenSplits | ImageSplits:
-    """The run's data: a text corpus (token streams) or an image set (fixed-size rows)."""
-    if config.data.corpus.lower() in IMAGE_DATASETS:
-        data = load_images(config.data.corpus, path=config.data.path)
-        if config.data.seq_len != data.seq_len:
-            raise ValueError(
-                f"{config.data.corpus} images have {data.seq_len} values (H·W·C = {data.shape}); "
-                f"set data.seq_len={data.seq_len}"
-            )
-        return data
-    return load_corpus(config.data.corpus, path=config.data.path, cache_dir=config.data.cache_dir)
 
 
 def _stream_seed(seed: int, stream: int, purpose: int) -> int:
@@ -150,7 +138,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
 
         # Data: stream k reads shard k of the training tokens.
-        self.data = data if data is not None else load_data(cfg)
+        self.data = data if data is not None else run_data(cfg)
         self.vocab_size = self.data.vocab_size
         self.n_streams = self.dist.world_size * cfg.train.grad_accum
         if cfg.train.batch_size % self.n_streams:
