@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup lint clean
 
 $(RUNTIME): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ setup: $(TESTDEPS)
 
 test: $(TESTDEPS)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
+
+lint: $(TESTDEPS)
+	$(VENV)/bin/ruff check src tests bench
 
 demo: $(RUNTIME)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/maskdiff demo

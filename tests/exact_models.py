@@ -2,7 +2,7 @@
 
 ``ExactConditionals`` holds a joint distribution p over all V^L sequences (tiny V and L) and
 returns, for every masked position, the exact conditional p(x^i | unmasked tokens) as logits.
-With it, md4-math.md's any-order-autoregressive identity says L_∞(x) = -log p(x).
+With it, docs/math.md's any-order-autoregressive identity says L_∞(x) = -log p(x).
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from maskdiff.apps.compare import compare_methods, unigram_estimate
+from maskdiff.build import build_model
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.data import load_corpus
 from maskdiff.evaluate import evaluate_nelbo
-from maskdiff.build import build_model
 
 TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
         "train.eval_every=0", "train.save_every=0", "train.log_every=1", "optim.warmup_steps=1"]

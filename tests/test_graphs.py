@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskdiff.sampling.cuda_graph import GraphDenoiser
 from maskdiff.networks import Transformer, TransformerConfig
 from maskdiff.sampling import sample
+from maskdiff.sampling.cuda_graph import GraphDenoiser
 from maskdiff.schedules import get_schedule
 
 

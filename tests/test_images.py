@@ -14,30 +14,30 @@ import pytest
 import torch
 from PIL import Image
 
-from maskdiff.data.images import (
-    ImageSplits,
-    eval_image_batches,
-    load_cifar10,
-    load_imagenet64,
-    load_images,
-    load_sklearn_digits,
-    num_eval_batches,
-    random_images,
-    shard_images,
-    stratified_split,
-    to_raster,
-)
 from maskdiff.apps.images import (
     MASK_COLOR,
     FIDUnavailableError,
     class_grid,
     fid,
     frechet_distance,
-    histogram_bits_per_dim,
     save_grid,
     tokens_to_rgb,
     unmasking_strip,
 )
+from maskdiff.data import histogram_bits_per_dim
+from maskdiff.data.cifar10 import load_cifar10
+from maskdiff.data.image_splits import (
+    ImageSplits,
+    eval_image_batches,
+    num_eval_batches,
+    random_images,
+    shard_images,
+    stratified_split,
+    to_raster,
+)
+from maskdiff.data.imagenet64 import load_imagenet64
+from maskdiff.data.images import load_images
+from maskdiff.data.mnist import load_sklearn_digits
 
 # ----------------------------------------------------------------------------------------------
 # Bundled datasets
@@ -292,6 +292,49 @@ def test_random_and_eval_batches():
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
     with pytest.raises(TypeError):
         random_images(x.reshape(-1), None, 2, torch.Generator())
+
+
+def _tiny_images(n_train: int = 10, labels: bool = True) -> ImageSplits:
+    x = np.arange(n_train * 12, dtype=np.int64).reshape(n_train, 12).astype(np.uint8)
+    lab = (np.arange(n_train, dtype=np.int64) % 3) if labels else None
+    return ImageSplits(
+        name="tiny", shape=(2, 2, 3), vocab_size=256, num_classes=3 if labels else 0,
+        train=x, validation=x[:2], test=x[:2], train_labels=lab,
+    )
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_image_splits_data_interface_matches_free_functions(labels):
+    # shard_for/draw are the trainer's calls: bitwise the old shard_images + random_images.
+    data = _tiny_images(labels=labels)
+    assert data.image_shape == (2, 2, 3) == data.shape
+    assert data.meta() == {"image_shape": [2, 2, 3], "num_classes": 3 if labels else 0}
+    n_streams, batch = 3, 4
+    for k in range(n_streams):
+        imgs, labs = data.shard_for(k, n_streams, data.seq_len)
+        old_imgs, old_labs = shard_images(data.train, data.train_labels, k, n_streams)
+        np.testing.assert_array_equal(imgs, old_imgs)
+        assert np.shares_memory(imgs, data.train)
+        assert (labs is None) == (old_labs is None) == (not labels)
+        if labels:
+            np.testing.assert_array_equal(labs, old_labs)
+        g_new, g_old = torch.Generator().manual_seed(7 + k), torch.Generator().manual_seed(7 + k)
+        for _ in range(3):  # several draws: the generator streams stay in step
+            x, y = data.draw((imgs, labs), batch, data.seq_len, g_new)
+            x_old, y_old = random_images(old_imgs, old_labs, batch, g_old)
+            assert x.dtype == torch.int64 and x.shape == (batch, 12) and torch.equal(x, x_old)
+            if labels:
+                assert y.dtype == torch.int64 and y.shape == (batch,) and torch.equal(y, y_old)
+            else:
+                assert y is None and y_old is None
+        assert torch.equal(g_new.get_state(), g_old.get_state())
+
+
+def test_image_splits_shard_too_small():
+    data = _tiny_images(n_train=2)
+    assert len(data.shard_for(2, 3, data.seq_len)[0]) == 1  # shards of 0, 1, 1 images
+    with pytest.raises(ValueError, match="training shard 0 holds no images: use fewer processes × accumulation steps"):
+        data.shard_for(0, 3, data.seq_len)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,14 +23,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "maskdiff"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("infrastructure", ("_version", "fileio", "devices", "checkpoint")),
-    ("math", ("schedules", "forward", "losses", "cross_entropy", "metrics", "sampling", "graphs")),
+    ("math", ("schedules", "forward", "losses", "cross_entropy", "metrics", "sampling")),
     ("networks", ("networks", "model")),
     ("data", ("data",)),
     ("config", ("config", "build")),

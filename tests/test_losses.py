@@ -1,4 +1,4 @@
-"""The MD4 and GenMD4 objectives against exact values (md4-math.md, "Identities that must hold").
+"""The MD4, GenMD4 and AR objectives against exact values (docs/math.md, "Identities the tests check").
 
 Most checks use ``ExactConditionals``: a denoiser returning the exact conditionals of a known
 joint p over V^L sequences, for which the continuous-time NELBO equals -log p(x) (identity 2).
@@ -12,10 +12,6 @@ import pytest
 import torch
 
 import maskdiff
-from maskdiff.losses import genmd4_diffusion_integrand, genmd4_losses, md4_loss_terms, md4_nelbo
-from maskdiff.metrics import mean_estimate
-from maskdiff.schedules import GenMD4Schedule
-
 from exact_models import (
     ExactConditionals,
     any_order_ar_value,
@@ -23,6 +19,11 @@ from exact_models import (
     masked_ce_per_pattern,
     pattern_probabilities,
 )
+from maskdiff.losses import ar_nll_terms, genmd4_diffusion_integrand, genmd4_losses, md4_loss_terms, md4_nelbo
+from maskdiff.metrics import mean_estimate
+from maskdiff.model import MaskedDiffusion
+from maskdiff.networks import Transformer, TransformerConfig
+from maskdiff.schedules import GenMD4Schedule
 
 V, L = 3, 4
 EPS = 1e-4
@@ -361,3 +362,64 @@ def test_genmd4_bound_holds_on_average_over_the_data():
             single_ce = -torch.log(model.conditionals(z)[torch.arange(3), torch.arange(3), cfg]).max().item()
             tol = 3 * t1 * (single_ce + math.log(3)) + 1e-3
             assert value == pytest.approx(-model.log_p(cfg[None]).item(), abs=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score masks: the terms summed over the scored positions only (zero-shot evaluation)
+
+
+def small_random_model(method, vocab=50, seq_len=16):
+    """Small model with random (non-uniform) predictions, for exactness checks of the scoring."""
+    torch.manual_seed(1)
+    cfg = TransformerConfig(vocab_size=vocab, seq_len=seq_len, n_layers=1, d_model=32, n_heads=2,
+                            causal=(method == "ar"), time_conditioning=(method != "ar"))
+    schedule = maskdiff.get_schedule("genmd4", vocab_size=vocab) if method == "genmd4" else maskdiff.get_schedule(
+        "cosine")
+    model = MaskedDiffusion(Transformer(cfg), schedule, method)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("method, num_steps, chunked", [
+    ("md4", None, True), ("md4", None, False), ("md4", 10, True), ("genmd4", None, True), ("ar", None, True)])
+def test_score_mask_all_true_is_no_mask_and_complements_add_up(method, num_steps, chunked):
+    model = small_random_model(method)
+    model.chunked_loss = chunked
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (6, 16), generator=g)
+    full = torch.ones_like(x, dtype=torch.bool)
+    part = torch.rand(x.shape, generator=g) < 0.5
+
+    def terms(mask):
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            return model(x, generator=gen, num_steps=num_steps, score_mask=mask)
+
+    ref, all_, a, b = terms(None), terms(full), terms(part), terms(~part)
+    for key in ("diffusion", "reconstruction", "prior", "nelbo"):
+        torch.testing.assert_close(all_[key], ref[key], rtol=1e-6, atol=1e-5)
+        # the same draws: the terms of complementary masks add up to the whole
+        torch.testing.assert_close(a[key] + b[key], ref[key], rtol=1e-5, atol=1e-4)
+    # Power check: a half mask really leaves terms out.
+    assert (a["nelbo"] < ref["nelbo"] - 1e-3).all()
+
+
+def test_score_mask_in_the_functional_losses(exact, x_seq):
+    """md4_nelbo / genmd4_losses / ar_nll_terms with a plain denoiser: an all-False mask scores
+    nothing, the mask's shape is checked."""
+    x = x_seq.expand(4, -1).clone()
+    none = torch.zeros_like(x, dtype=torch.bool)
+    sched = maskdiff.get_schedule("linear")
+    assert torch.equal(md4_nelbo(exact, x, sched, generator=torch.Generator().manual_seed(0), score_mask=none),
+                       torch.zeros(4))
+    gsched = GenMD4Schedule(V)
+    g = genmd4_losses(exact, x, gsched, generator=torch.Generator().manual_seed(0), score_mask=none)
+    assert torch.equal(g["nelbo"], torch.zeros(4)) and torch.equal(g["num_masked"], torch.zeros(4))
+    causal = lambda z, t: torch.zeros(*z.shape, V)  # noqa: E731  uniform next-token predictions
+    ar = ar_nll_terms(causal, x, score_mask=x == 1, vocab_size=V)
+    torch.testing.assert_close(ar["nelbo"], (x == 1).sum(1).float() * math.log(V))
+    with pytest.raises(ValueError, match="score_mask has shape"):
+        md4_nelbo(exact, x, sched, score_mask=none[:, :2])
+

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from maskdiff.networks import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
     MODEL_PRESETS,
+    WEIGHTS_NAME,
     Transformer,
     TransformerConfig,
     model_preset,

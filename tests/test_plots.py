@@ -18,10 +18,10 @@ from maskdiff.apps.plots import (
     plot_elbo_vs_steps,
     plot_genmd4_exponents,
     plot_training_curves,
-    read_metrics,
 )
 from maskdiff.checkpoint import RunFolderError
 from maskdiff.cli import cmd_plot
+from maskdiff.runs import read_metrics
 
 TINY = ["--no-progress", "--set", "train.steps=6", "--set", "model.n_layers=1", "--set", "model.d_model=32",
         "--set", "model.n_heads=2", "--set", "data.seq_len=32", "--set", "train.batch_size=8",
@@ -184,3 +184,26 @@ def test_cli_main_plot_when_wired(md4_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "via-main"
     assert cli.main(["plot", str(md4_run), "--what", "curves", "--out", str(out)]) == 0
     _check_png(out / "training-curves.png")
+
+
+def test_elbo_plot_on_an_image_run(tmp_path: Path) -> None:
+    """`maskdiff plot RUN --what elbo` on a pixel run: the run's own data (images, not a text
+    corpus) is loaded through the one data function and the images are counted as sequences."""
+    out = tmp_path / "digits"
+    sets = ["data.corpus=digits", "data.seq_len=64", "model.architecture=unet", "model.d_model=16",
+            "model.n_heads=2", "model.unet_channel_mult=1,2", "model.unet_res_blocks=1", "train.steps=4",
+            "train.batch_size=8", "train.eval_every=0", "train.save_every=4", "train.num_threads=1",
+            "model.class_conditional=false"]
+    args = ["train", "--preset", "mnist-md4", "--out", str(out), "--no-progress"]
+    for item in sets:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    figs = tmp_path / "figs"
+    assert cli.main(["plot", str(out), "--what", "elbo", "--steps", "2,8", "--max-chunks", "16",
+                     "--batch-size", "16", "--device", "cpu", "--out", str(figs)]) == 0
+    _check_png(figs / "elbo-vs-steps-test.png")
+    t2 = json.loads((out / "eval-test-T2.json").read_text())
+    cont = json.loads((out / "eval-test.json").read_text())
+    assert t2["n_sequences"] == cont["n_sequences"] == 16
+    assert "histogram_bits_per_dim" in cont  # evaluated as images
+    assert t2["num_steps"] == 2 and 0 < t2["bits_per_token"] < 8.0  # 8 bits/dim = uniform over 256 levels

@@ -369,7 +369,8 @@ def test_float64_exact_in_the_tail_float32_truncates():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MASKDIFF_SLOW_TESTS"), reason="≈ 1e9 float32 Gumbel draws (≈ 40 s); set MASKDIFF_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("MASKDIFF_SLOW_TESTS"),
+                    reason="≈ 1e9 float32 Gumbel draws (≈ 40 s); set MASKDIFF_SLOW_TESTS=1")
 def test_float32_draws_lose_the_tail_empirically():
     """The same head/tail distribution, drawn through the library: float32 vs the truth 1/3.
 

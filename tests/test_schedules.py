@@ -1,4 +1,4 @@
-"""Schedules and the forward process (md4-math.md, "Schedules" and "Forward process")."""
+"""Schedules and the forward process (docs/math.md, "Schedules" and "Forward process")."""
 
 import math
 
@@ -21,7 +21,7 @@ IDS = [f"{n}{p.get('exponent', '')}" for n, p in SCALAR_SPECS]
 
 
 def closed_form_alpha_tilde(name, params, t):
-    """The table of md4-math.md, written out independently of the library."""
+    """The table of docs/math.md, written out independently of the library."""
     if name == "linear":
         return 1 - t
     if name == "cosine":

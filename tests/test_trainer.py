@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from maskdiff.checkpoint import RunFolderError, latest_checkpoint
-from maskdiff.runs import load
 from maskdiff.config import apply_overrides, get_preset
 from maskdiff.data import TokenSplits, load_corpus
+from maskdiff.runs import load
 from maskdiff.training import Trainer, learning_rate
 
 TINY = [

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from maskdiff.model import MaskedDiffusion
-from maskdiff.networks import Transformer, build_network, network_config_from_dict
+from maskdiff.networks import Transformer, UNet, UNetConfig, build_network, network_config_from_dict
 from maskdiff.schedules import get_schedule
-from maskdiff.networks import UNet, UNetConfig
 
 V = 256
 
@@ -149,8 +148,8 @@ def test_chunked_loss_matches_full_logits():
 def test_image_run_end_to_end_with_the_cli(tmp_path):
     """Train a class-conditional U-Net on the 8×8 digits, evaluate bits/dim, and write a
     class grid with its unmasking strip and an unconditional grid."""
-    from maskdiff.runs import load
     from maskdiff.cli import main
+    from maskdiff.runs import load
 
     out = tmp_path / "digits-unet"
     sets = ["data.corpus=digits", "data.seq_len=64", "model.architecture=unet", "model.d_model=16",

@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Method and masking schedule (md4-math.md)."""
+    """Method and masking schedule (docs/math.md)."""
 
     method: str = "md4"  # md4 | genmd4
     schedule: str = "linear"  # linear | cosine | polynomial | geometric (md4 only)

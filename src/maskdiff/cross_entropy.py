@@ -5,7 +5,7 @@
 all N rows at once: the rows are processed in chunks of ``chunk_size``, only a (N,) log-normaliser
 is kept for the backward pass, and the backward recomputes each chunk's logits.
 
-Why it matters (md4-math.md, "MD4 training objective"): only masked positions enter the loss, so
+Why it matters (docs/math.md, "MD4 training objective"): only masked positions enter the loss, so
 the trainer passes the final hidden states of the masked positions only (about half of B·L on
 average), and at GPT-2 scale (V = 50,257) the full float32 logits of a 32 × 1024 batch would be
 6.6 GB, plus as much again for their softmax and gradient. Here the peak extra memory is

@@ -1,7 +1,7 @@
 """The forward (masking) process and the time distributions used for training.
 
 Each token is masked independently: ``q(z_t^i = x^i) = α_t`` and ``q(z_t^i = m) = 1 - α_t``
-with mask id ``m = V`` (md4-math.md, "Forward process"). For a per-token schedule (GenMD4)
+with mask id ``m = V`` (docs/math.md, "Forward process"). For a per-token schedule (GenMD4)
 α_t depends on the clean token ``x^i``.
 
 Every random function takes an optional ``torch.Generator``; nothing here seeds globally.

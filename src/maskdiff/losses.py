@@ -1,4 +1,5 @@
-"""MD4 and GenMD4 training objectives (md4-math.md, "MD4 training objective" and "GenMD4").
+"""MD4, GenMD4 and autoregressive objectives: the only loss (docs/math.md, "MD4 training objective",
+"GenMD4" and "Autoregressive baseline").
 
 All values are **nats per sequence**, shape (B,). Conversion to bits per token or perplexity
 happens only where results are reported (:mod:`maskdiff.metrics`).
@@ -18,12 +19,20 @@ Terms reported by every objective (nats per sequence):
                       reference code takes this term as 0; with α(1) = ε = 1e-4 it is 1e-4 · log V
                       nats per token, but it keeps the bound valid, so it is reported.)
 * ``nelbo``           their sum: the negative ELBO, an upper bound on -log p(x).
+
+**Score masks.** Every objective takes ``score_mask`` (bool, x's shape; None: every position):
+the positions whose loss counts. The whole of x is still the input and goes through the masking
+process, with the same random draws as without a mask; only the cross-entropy, reconstruction and
+prior sums are restricted to the scored positions. The result is the NELBO of the model in which
+the unscored positions are known, a valid bound on ``-log p(scored tokens | the rest)``
+(docs/math.md, "Token-weighted averages: the ratio estimator"). An all-True mask gives exactly the
+unmasked values, and the terms of complementary masks add up to the whole.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +47,7 @@ __all__ = [
     "md4_loss_terms",
     "md4_nelbo",
     "genmd4_losses",
+    "ar_nll_terms",
     "genmd4_diffusion_integrand",
     "genmd4_reconstruction",
     "genmd4_log_mask_probability",
@@ -59,6 +69,22 @@ def _check_inputs(x: Tensor) -> None:
         raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (B, L, ...), got {tuple(x.shape)}")
+
+
+def _check_score_mask(score_mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """``score_mask`` as a bool tensor on x's device (None stays None); its shape must be x's."""
+    if score_mask is None:
+        return None
+    if tuple(score_mask.shape) != tuple(x.shape):
+        raise ValueError(f"score_mask has shape {tuple(score_mask.shape)}, x has {tuple(x.shape)}; they must match")
+    return score_mask.to(device=x.device, dtype=torch.bool)
+
+
+def _scored_sum(values: Tensor, score: Tensor | None) -> Tensor:
+    """Per-sequence sum of per-position ``values`` (B, *S) over the scored positions, shape (B,)."""
+    if score is not None:
+        values = values * score
+    return values.flatten(1).sum(1)
 
 
 def _call_denoiser(denoiser: Denoiser, z: Tensor, t: Tensor, vocab_size: int | None) -> Tensor:
@@ -115,8 +141,11 @@ def masked_cross_entropy(logits: Tensor, x: Tensor, masked: Tensor) -> Tensor:
     return ce
 
 
-def _md4_boundary_terms(schedule: Schedule, x: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """Reconstruction ``L (1 - α(0)) log V`` and prior ``L α(1) log V`` per sequence, shape (B,)."""
+def _md4_boundary_terms(
+    schedule: Schedule, x: Tensor, vocab_size: int, score: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Reconstruction ``L (1 - α(0)) log V`` and prior ``L α(1) log V`` per sequence, shape (B,),
+    summed over the scored positions (docs/math.md, "Reconstruction and prior terms")."""
     batch = x.shape[0]
     dev = x.device
     zeros = torch.zeros(batch, dtype=torch.float64, device=dev)
@@ -124,8 +153,8 @@ def _md4_boundary_terms(schedule: Schedule, x: Tensor, vocab_size: int) -> tuple
     log_v = math.log(vocab_size)
     alpha0 = schedule.alpha(zeros, x).detach()  # (B, *S)
     alpha1 = schedule.alpha(ones, x).detach()
-    reconstruction = ((1.0 - alpha0) * log_v).flatten(1).sum(1)
-    prior = (alpha1 * log_v).flatten(1).sum(1)
+    reconstruction = _scored_sum((1.0 - alpha0) * log_v, score)
+    prior = _scored_sum(alpha1 * log_v, score)
     return reconstruction.float(), prior.float()
 
 
@@ -139,6 +168,7 @@ def md4_loss_terms(
     antithetic: bool = True,
     vocab_size: int | None = None,
     cross_entropy: MaskedCrossEntropy | None = None,
+    score_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """MD4 negative ELBO terms, one Monte Carlo draw per sequence (nats per sequence, (B,)).
 
@@ -153,8 +183,9 @@ def md4_loss_terms(
         diffusion = T · (α_s - α_t) / (1 - α_t) · Σ_{masked} -log μ_θ(z_t, t)_{i, x^i}
 
     Returns a dict with ``diffusion``, ``reconstruction``, ``prior``, ``nelbo`` (their sum), and
-    ``t`` (the times drawn) and ``num_masked`` for logging. ``vocab_size`` defaults to the
-    denoiser's output width.
+    ``t`` (the times drawn) and ``num_masked`` (masked positions that count) for logging.
+    ``vocab_size`` defaults to the denoiser's output width. ``score_mask`` (bool, x's shape)
+    restricts the three sums to the scored positions (see the module docs).
 
     ``cross_entropy(z, t, x, masked) -> (B, *S)`` replaces "call the denoiser, then
     :func:`masked_cross_entropy`" when given: :class:`maskdiff.model.MaskedDiffusion` passes one
@@ -162,6 +193,7 @@ def md4_loss_terms(
     (:mod:`maskdiff.cross_entropy`). It must return the same values.
     """
     _check_inputs(x)
+    score = _check_score_mask(score_mask, x)
     batch = x.shape[0]
     u = sample_times(batch, antithetic=antithetic, generator=generator, device=x.device, dtype=torch.float64)
     if num_steps is None:
@@ -170,8 +202,10 @@ def md4_loss_terms(
         t, s = discretize_time(u, num_steps)
 
     v_known = _infer_vocab_size(denoiser, x, schedule, vocab_size)
-    z = forward_sample(x, t, schedule, mask_id=v_known, generator=generator)
+    z = forward_sample(x, t, schedule, mask_id=v_known, generator=generator)  # over every position
     masked = z == v_known
+    if score is not None:
+        masked = masked & score  # the masked positions whose cross-entropy counts
     if cross_entropy is None:
         logits = _call_denoiser(denoiser, z, t.float(), v_known)
         ce = masked_cross_entropy(logits, x, masked)  # (B, *S)
@@ -185,7 +219,7 @@ def md4_loss_terms(
         alpha_s = schedule.alpha(s, x)
         weight = num_steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
     diffusion = (weight.to(ce.dtype) * ce).flatten(1).sum(1)
-    reconstruction, prior = _md4_boundary_terms(schedule, x, v_known)
+    reconstruction, prior = _md4_boundary_terms(schedule, x, v_known, score)
     return {
         "diffusion": diffusion,
         "reconstruction": reconstruction,
@@ -204,14 +238,17 @@ def md4_nelbo(
     num_steps: int | None = None,
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
+    score_mask: Tensor | None = None,
 ) -> Tensor:
     """One Monte Carlo estimate per sequence of the MD4 negative ELBO in nats, shape (B,).
 
     Includes the reconstruction and prior terms (see :func:`md4_loss_terms`).
     ``num_steps=None`` gives the continuous-time bound L_∞, an integer T the discrete-time L_T.
+    ``score_mask`` sums over the scored positions only (see the module docs).
     """
     return md4_loss_terms(
-        denoiser, x, schedule, num_steps=num_steps, generator=generator, vocab_size=vocab_size
+        denoiser, x, schedule, num_steps=num_steps, generator=generator, vocab_size=vocab_size,
+        score_mask=score_mask,
     )["nelbo"]
 
 
@@ -224,7 +261,7 @@ def genmd4_diffusion_integrand(
 ) -> Tensor:
     """GenMD4's continuous-time integrand at time t, summed over masked positions, shape (B,).
 
-    Per masked position with clean token x (md4-math.md, "GenMD4")::
+    Per masked position with clean token x (docs/math.md, "GenMD4")::
 
         ℓ_i(t) = (w_x / t) · (-log μ_x - 1) + Σ_j (w_j / t) · μ_j
 
@@ -248,6 +285,15 @@ def genmd4_diffusion_integrand(
     return out.index_add(0, rows, per_position)
 
 
+def _genmd4_reconstruction_per_position(x: Tensor, schedule: GenMD4Schedule, t1: float) -> Tensor:
+    """The summand of :func:`genmd4_reconstruction`, shape (B, *S)."""
+    w = schedule.exponents.float()  # (V,)
+    log_t1 = math.log(t1)
+    log_norm = torch.logsumexp(w * log_t1, dim=0)
+    wx = w[x.long()]  # (B, L)
+    return -(1.0 - schedule.eps) * torch.exp(wx * log_t1) * (wx * log_t1 - log_norm)
+
+
 def genmd4_reconstruction(x: Tensor, schedule: GenMD4Schedule, t1: float = GENMD4_T1) -> Tensor:
     """Reconstruction term at t1 per sequence, shape (B,) (the reference code's closed form)::
 
@@ -255,12 +301,7 @@ def genmd4_reconstruction(x: Tensor, schedule: GenMD4Schedule, t1: float = GENMD
 
     i.e. P(masked at t1) times -log of the probability that a mask at t1 hides x.
     """
-    w = schedule.exponents.float()  # (V,)
-    log_t1 = math.log(t1)
-    log_norm = torch.logsumexp(w * log_t1, dim=0)
-    wx = w[x.long()]  # (B, L)
-    per_position = -(1.0 - schedule.eps) * torch.exp(wx * log_t1) * (wx * log_t1 - log_norm)
-    return per_position.flatten(1).sum(1)
+    return _genmd4_reconstruction_per_position(x, schedule, t1).flatten(1).sum(1)
 
 
 def genmd4_log_mask_probability(z: Tensor, x: Tensor, t: Tensor, schedule: GenMD4Schedule) -> Tensor:
@@ -282,6 +323,7 @@ def genmd4_losses(
     generator: torch.Generator | None = None,
     t1: float = GENMD4_T1,
     antithetic: bool = True,
+    score_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """GenMD4 objective with the REINFORCE leave-one-out (RLOO) gradient, per sequence (B,).
 
@@ -295,6 +337,9 @@ def genmd4_losses(
     Backpropagate ``surrogate`` (its gradient in φ is unbiased); report ``nelbo``.
     Returns ``surrogate``, ``nelbo``, ``diffusion`` (= ½(ℓ¹ + ℓ²)), ``reconstruction``, ``prior``,
     ``t`` and ``num_masked`` (mean of the two draws).
+
+    ``score_mask`` (bool, x's shape) restricts ℓ, the reconstruction and the prior to the scored
+    positions; log q(z) stays over every position, since every position is masked at random.
     """
     if not isinstance(schedule, GenMD4Schedule):
         raise TypeError(
@@ -302,6 +347,7 @@ def genmd4_losses(
             f"got {type(schedule).__name__}; use md4_nelbo for scalar schedules"
         )
     _check_inputs(x)
+    score = _check_score_mask(score_mask, x)
     vocab = schedule.vocab_size
     batch = x.shape[0]
     u = sample_times(batch, antithetic=antithetic, generator=generator, device=x.device, dtype=torch.float64)
@@ -312,6 +358,8 @@ def genmd4_losses(
     with torch.no_grad():
         z2 = forward_sample(x2, t2, schedule, mask_id=vocab, generator=generator)
     masked = z2 == vocab
+    if score is not None:
+        masked = masked & torch.cat([score, score], dim=0)  # the masked positions that count
     logits = _call_denoiser(denoiser, z2, t2, vocab)
     ell = (1.0 - t1) * genmd4_diffusion_integrand(logits, x2, masked, t2, schedule)  # (2B,)
     ell1, ell2 = ell[:batch], ell[batch:]
@@ -320,8 +368,8 @@ def genmd4_losses(
     rloo = 0.5 * (ell1 - ell2).detach() * (log_q[:batch] - log_q[batch:])
 
     diffusion = 0.5 * (ell1 + ell2)
-    reconstruction = genmd4_reconstruction(x, schedule, t1)
-    prior = (torch.full(x.shape, schedule.eps * math.log(vocab), device=x.device)).flatten(1).sum(1)
+    reconstruction = _scored_sum(_genmd4_reconstruction_per_position(x, schedule, t1), score)
+    prior = _scored_sum(torch.full(x.shape, schedule.eps * math.log(vocab), device=x.device), score)
     nelbo = diffusion + reconstruction + prior
     return {
         "surrogate": nelbo + rloo,
@@ -332,3 +380,42 @@ def genmd4_losses(
         "t": t,
         "num_masked": 0.5 * masked.flatten(1).sum(1).float().view(2, batch).sum(0),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoregressive baseline
+
+
+def ar_nll_terms(
+    network: Callable[..., Tensor],
+    x: Tensor,
+    *,
+    score_mask: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Exact next-token negative log-likelihood per sequence, nats, shape (B,)
+    (docs/math.md, "Autoregressive baseline").
+
+    The input is x (B, L) shifted right by one with the mask id V as beginning-of-sequence token;
+    ``network(inputs, None)`` (a causal network, no time input) returns logits (B, L, V) whose
+    position i predicts ``x^i``. ``score_mask`` sums over the scored positions only. Returned as
+    ``diffusion`` = ``nelbo`` with zero ``reconstruction`` and ``prior``, so the evaluation of the
+    diffusion objectives applies unchanged. ``vocab_size`` defaults to ``network.vocab_size``.
+    """
+    _check_inputs(x)
+    score = _check_score_mask(score_mask, x)
+    vocab = vocab_size if vocab_size is not None else _network_vocab_size(network)
+    bos = torch.full_like(x[:, :1], vocab)
+    inputs = torch.cat([bos, x[:, :-1]], dim=1)  # (B, L)
+    logits = network(inputs, None).float()  # (B, L, V)
+    nll = F.cross_entropy(logits.flatten(0, 1), x.flatten().long(), reduction="none").view(x.shape)
+    nll = _scored_sum(nll, score)
+    zero = torch.zeros_like(nll)
+    return {"diffusion": nll, "reconstruction": zero, "prior": zero, "nelbo": nll}
+
+
+def _network_vocab_size(network: Any) -> int:
+    v = getattr(network, "vocab_size", None)
+    if v is None:
+        raise ValueError("pass vocab_size: the network has no vocab_size attribute (the BOS id is V)")
+    return int(v)

@@ -6,7 +6,11 @@ cover both). ``forward(x)`` returns the named loss terms of :mod:`maskdiff.losse
 ``loss`` being the scalar to backpropagate (nats per token, averaged over the batch).
 
 ``method="ar"`` turns the same network (with causal attention) into an autoregressive baseline
-trained by next-token cross-entropy: its ``nelbo`` is then an exact negative log-likelihood.
+trained by next-token cross-entropy: its ``nelbo`` is then an exact negative log-likelihood
+(:func:`maskdiff.losses.ar_nll_terms`; docs/math.md, "Autoregressive baseline").
+
+``forward(x, score_mask=...)`` sums every term over the scored positions only (the whole of x is
+still the input and is masked as in training); zero-shot evaluation scores padded rows this way.
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskdiff.cross_entropy import linear_cross_entropy
-from maskdiff.losses import MaskedCrossEntropy, genmd4_losses, md4_loss_terms
+from maskdiff.losses import MaskedCrossEntropy, ar_nll_terms, genmd4_losses, md4_loss_terms
 from maskdiff.networks import DenoiserBase
 from maskdiff.schedules import GenMD4Schedule, Schedule
 
@@ -130,10 +133,14 @@ class MaskedDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         num_steps: int | None = None,
         labels: Tensor | None = None,
+        *,
+        score_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms for clean tokens x (B, L): per-sequence nats plus the scalar ``loss``.
 
-        ``labels`` (B,) condition a class-conditional network.
+        ``labels`` (B,) condition a class-conditional network. ``score_mask`` (bool (B, L)) sums
+        the terms over the scored positions only, with the same random draws (see
+        :mod:`maskdiff.losses`); ``loss`` still divides by L.
         """
         length = x.shape[1]
         labels = self._training_labels(labels, generator)
@@ -141,19 +148,20 @@ class MaskedDiffusion(nn.Module):
         if self.method == "ar":
             if labels is not None:
                 raise ValueError("the autoregressive baseline takes no labels")
-            terms = self._autoregressive_terms(x)
+            terms = ar_nll_terms(self.network, x, score_mask=score_mask, vocab_size=self.vocab_size)
             terms["loss"] = terms["nelbo"].mean() / length
             return terms
         if self.method == "genmd4":
             if num_steps is not None:
                 raise ValueError("GenMD4 has a continuous-time objective only; leave num_steps unset")
             terms = genmd4_losses(network, x, self.schedule, generator=generator, t1=self.t1,
-                                  antithetic=self.antithetic)
+                                  antithetic=self.antithetic, score_mask=score_mask)
             terms["loss"] = terms["surrogate"].mean() / length
             return terms
         terms = md4_loss_terms(network, x, self.schedule, num_steps=num_steps, generator=generator,
                                antithetic=self.antithetic, vocab_size=self.vocab_size,
-                               cross_entropy=self._chunked_cross_entropy(labels) if self.chunked_loss else None)
+                               cross_entropy=self._chunked_cross_entropy(labels) if self.chunked_loss else None,
+                               score_mask=score_mask)
         terms["loss"] = terms["nelbo"].mean() / length
         return terms
 
@@ -181,15 +189,6 @@ class MaskedDiffusion(nn.Module):
 
         denoiser.time_conditioning = net.time_conditioning  # type: ignore[attr-defined]
         return denoiser
-
-    def _autoregressive_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Next-token NLL: the input is x shifted right by one with the mask id as BOS."""
-        bos = torch.full_like(x[:, :1], self.vocab_size)
-        inputs = torch.cat([bos, x[:, :-1]], dim=1)  # (B, L)
-        logits = self.network(inputs, None).float()  # (B, L, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), x.flatten().long(), reduction="none").view(x.shape).sum(1)
-        zero = torch.zeros_like(nll)
-        return {"diffusion": nll, "reconstruction": zero, "prior": zero, "nelbo": nll}
 
     def schedule_stats(self) -> dict[str, float]:
         """min/mean/max of GenMD4's learned exponents (empty for scalar schedules)."""

@@ -21,7 +21,7 @@ from maskdiff.data import tokenizer_for
 from maskdiff.model import MaskedDiffusion
 from maskdiff.networks import build_network, network_config_from_dict
 
-__all__ = ["LoadedRun", "load", "read_run_config"]
+__all__ = ["LoadedRun", "load", "read_run_config", "read_metrics"]
 
 
 @dataclass
@@ -71,3 +71,31 @@ def load(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.d
         used = "ema"
     model.load_state_dict(state, strict=True, assign=True)
     return LoadedRun(path, config, model.to(device).eval(), int(ckpt.state["step"]), used)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """``metrics.jsonl`` as ``{"train": [...], "validation": [...]}``, each sorted by step.
+
+    A resumed run logs some steps twice (those after its checkpoint); the later record wins.
+    A truncated last line (a run killed while writing) is skipped.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run has logged nothing yet (or {run_dir} is not a run folder)")
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or "step" not in rec:
+                continue
+            by_key[(rec.get("split", "train"), int(rec["step"]))] = rec
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for (split, _), rec in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        out.setdefault(split, []).append(rec)
+    return out

@@ -14,7 +14,7 @@ rule so that the losses and the sampler treat them alike (MD4 is the special cas
 * ``tokens`` of shape (B, *S): ``t`` of shape (B,) (or any prefix of ``tokens.shape``) is
   broadcast over the trailing dimensions and the result has the shape of ``tokens``.
 
-Scalar schedules are clipped as in the reference code (md4-math.md, "Schedules"):
+Scalar schedules are clipped as in the reference code (docs/math.md, "Schedules"):
 ``α(t) = (1 - 2ε) α̃(t) + ε`` and ``α'(t) = (1 - 2ε) α̃'(t)``, so α(0) = 1 - ε and α(1) = ε.
 """
 
@@ -185,7 +185,7 @@ class GeometricSchedule(ScalarSchedule):
 
 
 class GenMD4Schedule(nn.Module, Schedule):
-    """GenMD4's learnable per-token polynomial schedule (md4-math.md, "GenMD4").
+    """GenMD4's learnable per-token polynomial schedule (docs/math.md, "GenMD4").
 
     Vocabulary entry j has its own exponent ``w_j = softplus(φ_j) > 0`` and
 

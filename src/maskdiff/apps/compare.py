@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from maskdiff.apps.likelihood import run_eval

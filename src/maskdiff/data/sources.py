@@ -1,7 +1,7 @@
 """A run's data from its ``data`` settings: one function for the trainer, evaluation and plots.
 
 :func:`load_data` returns a text corpus (:class:`~maskdiff.data.splits.TokenSplits`) or an image
-set (:class:`~maskdiff.data.images.ImageSplits`); :func:`tokenizer_for` names a corpus's tokenizer.
+set (:class:`~maskdiff.data.image_splits.ImageSplits`); :func:`tokenizer_for` names a corpus's tokenizer.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 from maskdiff.data.corpora import load_corpus
-from maskdiff.data.images import IMAGE_DATASETS, ImageSplits, load_images
+from maskdiff.data.image_splits import ImageSplits
+from maskdiff.data.images import IMAGE_DATASETS, load_images
 from maskdiff.data.splits import TokenSplits
 from maskdiff.data.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
 

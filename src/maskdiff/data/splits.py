@@ -1,4 +1,9 @@
-"""The common corpus return type, :class:`TokenSplits`, and the split rules."""
+"""The common corpus return type, :class:`TokenSplits`, and the split rules.
+
+``TokenSplits`` and :class:`~maskdiff.data.image_splits.ImageSplits` share one small interface,
+so the trainer needs no text/image branches: ``name``, ``vocab_size``, ``split()``, ``sizes()``,
+``summary()``, ``meta()``, ``image_shape``, ``num_classes``, ``shard_for()`` and ``draw()``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maskdiff.data.batches import random_crops, shard
+from maskdiff.data.batches import num_eval_chunks, random_crops, shard, unigram_entropy_bits
 from maskdiff.data.tokenizers import Tokenizer
 
 __all__ = ["TokenSplits", "SPLIT_NAMES", "split_90_5_5", "split_by_fraction", "check_fractions"]
@@ -72,7 +77,7 @@ class TokenSplits:
     # The data interface shared with ImageSplits (the trainer calls only these).
 
     @property
-    def image_shape(self) -> None:
+    def image_shape(self) -> tuple[int, int, int] | None:
         """None: text has no image shape (``ImageSplits.image_shape`` is ``(H, W, C)``)."""
         return None
 
@@ -102,7 +107,7 @@ class TokenSplits:
 
     def draw(
         self, shard: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A training batch from a :meth:`shard_for` shard: :func:`~maskdiff.data.batches.random_crops` of it.
 
         ``batch_size`` windows of ``seq_len`` tokens at uniform offsets, from one
@@ -112,6 +117,16 @@ class TokenSplits:
             ``(x, None)``: ``x`` int64 ``(batch_size, seq_len)`` on the CPU; text has no labels.
         """
         return random_crops(shard, batch_size, seq_len, generator), None
+
+    def num_eval_sequences(self, split: str, seq_len: int) -> int:
+        """How many sequences an evaluation of ``split`` scores: its whole chunks of ``seq_len`` tokens."""
+        return num_eval_chunks(self.split(split), seq_len)
+
+    def baseline_bits(self, split: str, n_sequences: int | None = None) -> dict[str, float]:
+        """The context-free baseline of ``split``: ``{"unigram_bits_per_token": H}``, the
+        cross-entropy of the whole split under a unigram fitted on train (add-one smoothing).
+        ``n_sequences`` is accepted for a common interface; text baselines use the whole split."""
+        return {"unigram_bits_per_token": unigram_entropy_bits(self.train, self.split(split), self.vocab_size)}
 
 
 def split_90_5_5(n: int) -> tuple[int, int]:

@@ -212,7 +212,7 @@ class Upsample(nn.Module):
 class UNet(DenoiserBase):
     """Image denoiser ``model(z (B, H·W·C), t (B,) | None, labels) -> logits (B, H·W·C, V)``.
 
-    Same interface as :class:`maskdiff.network.Transformer` (checks, labels, ``return_hidden``,
+    Same interface as :class:`maskdiff.networks.Transformer` (checks, labels, ``return_hidden``,
     ``head_weight``, ``save_pretrained``/``from_pretrained``), but only whole images: L must
     equal H·W·C.
     """

@@ -5,7 +5,7 @@ work per call is small (about 0.25 TFLOP for MD4-S at 1,024 tokens, a fraction o
 on an H100), so launching ~200 kernels one by one from Python would dominate. A CUDA graph
 records the kernels once and replays them with a single launch.
 
-:class:`GraphDenoiser` wraps a :class:`maskdiff.network.Transformer` as a sampler denoiser
+:class:`GraphDenoiser` wraps a :class:`maskdiff.networks.Transformer` as a sampler denoiser
 ``(z (B, L), t (B,)) -> float32 logits (B, L, V)``:
 
 * on CUDA the network runs on a bf16 *copy* of its weights (``dtype``), made once when the
@@ -21,7 +21,7 @@ records the kernels once and replays them with a single launch.
 
 The returned logits are a fresh tensor (the graph's output buffer is overwritten by the next
 replay, and the sampler may keep an output while it caches). Input checks that read values
-back to the host are skipped during capture (see ``maskdiff.network._may_sync``).
+back to the host are skipped during capture (see ``maskdiff.networks.base._may_sync``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class GraphDenoiser:
     """A network as a sampler denoiser, captured in a CUDA graph for one (batch, length).
 
     Args:
-        network: a :class:`maskdiff.network.Transformer` (or any module
+        network: a :class:`maskdiff.networks.Transformer` (or any module
             ``network(z, t, labels=...) -> logits``) in eval mode.
         batch_size, length: the static shape (B, L) that is captured.
         labels: (B,) class labels bound to every call (class-conditional networks), or None.

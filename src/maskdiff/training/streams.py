@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from maskdiff.data import ImageSplits, TokenSplits, random_crops, shard
-from maskdiff.data.images import random_images, shard_images
+from maskdiff.data import ImageSplits, TokenSplits
 
 __all__ = ["Streams", "stream_seed"]
 
@@ -51,11 +50,16 @@ class Streams:
         batch_size: sequences per step over all processes and micro-batches.
         seq_len: ``L``, the crop length (text).
         device: where batches go and where the loss generators live.
-        use_labels: return class labels with the batches (class-conditional image models).
+        use_labels: return class labels with the batches (class-conditional models; the data
+            must have labels, text never does).
+
+    The data is used only through the interface ``TokenSplits`` and ``ImageSplits`` share:
+    ``shard_for(k, n_streams, seq_len)`` once per stream, ``draw(shard, b, seq_len, generator)``
+    per micro-batch.
 
     Raises:
         ValueError: ``batch_size`` is not divisible by ``world_size × grad_accum``, or a shard
-            is too small to draw from.
+            is too small to draw from (``data.shard_for``).
     """
 
     def __init__(
@@ -85,17 +89,8 @@ class Streams:
         self.micro_batch = batch_size // self.n_streams
         #: The streams this process computes, in accumulation order.
         self.mine = [rank * grad_accum + a for a in range(grad_accum)]
-        self.is_image = isinstance(data, ImageSplits)
-        if self.is_image:
-            self.shards = {k: shard_images(data.train, data.train_labels, k, self.n_streams) for k in self.mine}
-            for k, (imgs, _) in self.shards.items():
-                if len(imgs) == 0:
-                    raise ValueError(f"training shard {k} holds no images: use fewer processes × accumulation steps")
-        else:
-            self.shards = {k: shard(data.train, k, self.n_streams) for k in self.mine}
-            for k, s in self.shards.items():
-                if len(s) < seq_len:
-                    raise ValueError(f"training shard {k} holds {len(s)} tokens, fewer than data.seq_len={seq_len}")
+        #: Stream k's part of the training data (``data.shard_for``), as ``data.draw`` takes it.
+        self.shards = {k: data.shard_for(k, self.n_streams, seq_len) for k in self.mine}
         self.data_gens = {k: torch.Generator().manual_seed(stream_seed(seed, k, _DATA)) for k in self.mine}
         self.loss_gens = {
             k: torch.Generator(device=device).manual_seed(stream_seed(seed, k, _LOSS)) for k in self.mine
@@ -103,12 +98,8 @@ class Streams:
 
     def next_batch(self, stream: int) -> tuple[Tensor, Tensor | None]:
         """The next micro-batch of a stream: (x (b, L), labels (b,) or None) on the device."""
-        if self.is_image:
-            images, labels = self.shards[stream]
-            x, y = random_images(images, labels, self.micro_batch, self.data_gens[stream])
-            return x.to(self.device), (y.to(self.device) if self.use_labels and y is not None else None)
-        x = random_crops(self.shards[stream], self.micro_batch, self.seq_len, self.data_gens[stream])
-        return x.to(self.device), None
+        x, y = self.data.draw(self.shards[stream], self.micro_batch, self.seq_len, self.data_gens[stream])
+        return x.to(self.device), (y.to(self.device) if self.use_labels and y is not None else None)
 
     def loss_generator(self, stream: int) -> torch.Generator:
         """The generator of a stream's diffusion times and masks (on the device)."""
