@@ -51,8 +51,8 @@ def measure(run_dir: Path) -> dict:
                         "logits_abs_sum": logits.abs().sum().item(),
                         "logits_first": logits[0, 0, :5].tolist()}
     for extra, name in (([], "eval-test.json"), (["--steps", "10", "--draws", "2"], "eval-test-T10-K2.json")):
-        subprocess.run([sys.executable, "-m", "maskdiff.cli", "eval", str(run_dir), *EVAL_ARGS, *extra],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "maskdiff.cli", "eval", str(run_dir), *EVAL_ARGS, *extra,
+                        "--out", str(run_dir / name)], check=True, capture_output=True)
         rec = json.loads((run_dir / name).read_text())
         out[name] = {k: rec[k] for k in ("bits_per_token", "stderr", "n_sequences", "nats_per_sequence")
                      if k in rec}

@@ -62,12 +62,14 @@ def test_compare_writes_a_table(tmp_path):
     summary = compare_methods("demo", methods=("ar", "md4", "genmd4"), overrides=TINY + ["train.steps=3"],
                               out_dir=tmp_path, max_chunks=16, progress=False)
     assert set(summary["rows"]) == {"unigram", "ar", "md4", "genmd4"}
-    table = (tmp_path / "compare.md").read_text()
+    table = (tmp_path / "compare-n16.md").read_text()  # the table names its evaluation settings (-n16)
     for label in ("unigram", "autoregressive", "MD4", "GenMD4"):
         assert label in table
-    saved = json.loads((tmp_path / "compare.json").read_text())
+    saved = json.loads((tmp_path / "compare-n16.json").read_text())
     assert saved["budget"]["steps"] == 3
     # Re-running reuses the finished runs instead of training again.
     again = compare_methods("demo", methods=("md4",), overrides=TINY + ["train.steps=3"], out_dir=tmp_path,
                             max_chunks=16, progress=False)
     assert again["rows"]["md4"]["train_seconds"] is None
+    # ... and the table keeps the rows of the methods not re-run (same budget, same evaluation).
+    assert set(json.loads((tmp_path / "compare-n16.json").read_text())["rows"]) == {"unigram", "ar", "md4", "genmd4"}

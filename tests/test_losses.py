@@ -95,11 +95,26 @@ def test_any_order_autoregressive_form_equals_log_likelihood(exact, x):
 
 
 def test_continuous_nelbo_by_quadrature_equals_log_likelihood(exact, x_seq):
+    """NELBO_ε = -log p(x) + ε·c1 + O(ε²), with c1 and the O(ε²) bound derived from identity 1.
+
+    With α running from 1 - ε down to ε, identity 1 gives L_∞ = ∫_ε^{1-ε} g(a) da with
+    g(a) = E_{q_a}[Σ_masked CE] / (1 - a), and -log p(x) = ∫_0^1 g(a) da (identity 2), so
+
+        NELBO_ε + log p(x) = 2 L ε log V - ∫_0^ε g - ∫_{1-ε}^1 g.
+
+    g(0) = Σ_i -log p(x^i) (everything masked) and g(1⁻) = Σ_i -log p(x^i | x^{-i}) (one position
+    masked), hence c1 = 2 L log V - g(0) - g(1⁻). The remainder of each end is at most
+    ε²/2 · sup|g'|, and g(a) = Σ_M (1-a)^{|M|-1} a^{L-|M|} CE(M) has |g'| ≤ (L - 1) Σ_M CE(M).
+    """
     sched = maskdiff.get_schedule("linear", eps=EPS)
     value = exact_continuous_diffusion(exact, x_seq, sched) + boundary_terms(sched, L, V)
     nll = -exact.log_p(x_seq[None]).item()
-    # ε = 1e-4 clipping moves the bound by O(ε · L · log V) ≈ 1e-3 nats.
-    assert value == pytest.approx(nll, abs=3e-3)
+    ce = masked_ce_per_pattern(exact, x_seq)  # (2^L,)
+    masked_count = mask_patterns(L).sum(-1)
+    c1 = 2 * L * math.log(V) - ce[masked_count == L].item() - ce[masked_count == 1].sum().item()
+    remainder = EPS**2 * (L - 1) * ce.sum().item()  # ≈ 7e-7 nats; the ε·c1 term is ≈ 4e-4
+    assert abs(value - nll - EPS * c1) < remainder + 1e-9, (value - nll, EPS * c1, remainder)
+    assert abs(value - nll) > 100 * remainder  # the check resolves the ε correction itself
 
 
 def test_md4_nelbo_monte_carlo_matches_log_likelihood(exact, x_seq):
@@ -263,22 +278,38 @@ def test_genmd4_integrand_with_equal_exponents_is_polynomial_md4():
     torch.testing.assert_close(gen, poly.weight(t) * ce, rtol=1e-5, atol=1e-5)
 
 
+def genmd4_integrand_reference(logits, x, patterns, t, w):
+    """Σ_{i masked} (w_x/t)(-log μ_x - 1) + Σ_j (w_j/t) μ_j per pattern, written out in float64
+    (independent of the library's integrand): logits (P, L, V), x (L,), patterns (P, L), t scalar."""
+    log_mu = torch.log_softmax(logits.double(), -1)
+    w = w.double()
+    log_mu_x = log_mu[:, torch.arange(x.numel()), x]  # (P, L)
+    per_position = (w[x] * (-log_mu_x - 1.0) + (log_mu.exp() * w).sum(-1)) / t
+    return (per_position * patterns).sum(-1)
+
+
+def genmd4_reconstruction_reference(x, w, eps, t1):
+    """Σ_i P(x^i masked at t1) · -log P(a mask at t1 hides x^i), in float64."""
+    w = w.double()
+    p_masked = (1 - eps) * t1 ** w  # (V,): probability that token j is masked at t1
+    return -(p_masked[x] * torch.log(p_masked[x] / p_masked.sum())).sum()
+
+
 def exact_genmd4_nelbo(denoiser, x, sched, t1=1e-3, n_nodes=96):
     """Exact GenMD4 NELBO (differentiable in φ) by enumeration and quadrature in log t."""
     s, ws = gauss_legendre(math.log(t1), 0.0, n_nodes)
-    t = torch.exp(s).float()  # (n,)
+    t = torch.exp(s)  # (n,) float64
     patterns = mask_patterns(x.numel())  # (P, L)
     z = torch.where(patterns, torch.full_like(x, denoiser.vocab_size)[None], x[None])
     logits = denoiser(z, None)  # (P, L, V), time-agnostic
     w = sched.exponents
-    mask_prob = (1 - sched.eps) * t[:, None] ** w[x][None, :]  # (n, L)
+    mask_prob = (1 - sched.eps) * t[:, None] ** w.double()[x][None, :]  # (n, L)
     probs = pattern_probabilities(mask_prob)  # (n, P)
     total = 0.0
     for n in range(len(t)):
-        tt = t[n].expand(len(patterns))
-        ell = genmd4_diffusion_integrand(logits, x.expand(len(patterns), -1), patterns, tt, sched)  # (P,)
-        total = total + ws[n].float() * t[n] * (probs[n] @ ell)  # dt = t ds
-    recon = maskdiff.losses.genmd4_reconstruction(x[None], sched, t1)[0]
+        ell = genmd4_integrand_reference(logits, x, patterns, t[n], w)  # (P,)
+        total = total + ws[n] * t[n] * (probs[n] @ ell)  # dt = t ds
+    recon = genmd4_reconstruction_reference(x, w, sched.eps, t1)
     prior = x.numel() * sched.eps * math.log(denoiser.vocab_size)
     return total + recon + prior
 
@@ -362,6 +393,117 @@ def test_genmd4_bound_holds_on_average_over_the_data():
             single_ce = -torch.log(model.conditionals(z)[torch.arange(3), torch.arange(3), cfg]).max().item()
             tol = 3 * t1 * (single_ce + math.log(3)) + 1e-3
             assert value == pytest.approx(-model.log_p(cfg[None]).item(), abs=tol)
+
+
+def spread_genmd4_schedule(vocab, seed=0):
+    """A GenMD4 schedule whose exponents differ (roughly 0.1 to 5), so that the terms in the
+    exponents' differences matter."""
+    sched = GenMD4Schedule(vocab, eps=EPS)
+    with torch.no_grad():
+        sched.phi.copy_(torch.linspace(-2.0, 5.0, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))])
+    return sched
+
+
+def test_genmd4_uniform_denoiser_matches_an_independent_closed_form():
+    """μ = 1/V everywhere: ℓ_i(t) = (w_x (log V - 1) + w̄) / t, and position i is masked with
+    probability (1 - ε) t^{w_x}, so the diffusion term integrates in closed form:
+
+        Σ_i (1 - ε) (1 - t1^{w_x}) · (log V - 1 + w̄ / w_x),      w̄ = mean_j w_j.
+
+    No code of the library's integrand is used. Power: MD4's integrand in its place (w_x/t · CE,
+    i.e. without -1 and Σ_j w_j μ_j) gives (1 - ε)(1 - t1^{w_x}) log V per position, far outside."""
+    vocab, length, t1 = 8, 10, maskdiff.losses.GENMD4_T1
+    sched = spread_genmd4_schedule(vocab)
+    x = torch.arange(length) % vocab
+    w = sched.exponents.detach().double()
+    wx, log_v = w[x], math.log(vocab)
+    reach = (1 - EPS) * (1 - t1**wx)  # P(masked at some time in [t1, 1]) weight per position
+    boundary = float(genmd4_reconstruction_reference(x, w, EPS, t1)) + length * EPS * log_v
+    closed = float((reach * (log_v - 1 + w.mean() / wx)).sum()) + boundary
+    wrong = float((reach * log_v).sum()) + boundary
+    uniform = lambda z, t: torch.zeros(*z.shape, vocab)  # noqa: E731
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        draws = torch.cat([genmd4_losses(uniform, x.expand(4000, -1), sched, generator=g)["nelbo"] for _ in range(5)])
+    est = mean_estimate(draws)
+    assert abs(est.mean - closed) < 4 * est.stderr, (est, closed)
+    assert abs(est.mean - wrong) > 8 * est.stderr, (est, wrong)
+
+
+class TimeDependent:
+    """Logits t·A_i + B_i at position i whatever z: μ depends on t only, so every expectation
+    over the masks factorises per position and integrates by quadrature in t."""
+
+    def __init__(self, vocab, length, seed=0, flip=False):
+        g = torch.Generator().manual_seed(seed)
+        self.vocab_size = vocab
+        self.a = 4.0 * torch.randn(length, vocab, generator=g, dtype=torch.float64)
+        self.b = torch.randn(length, vocab, generator=g, dtype=torch.float64)
+        self.flip = flip  # a denoiser that receives 1 - t: what a wrong time would look like
+
+    def log_mu(self, t):
+        """log μ at times t (n,): (n, L, V) float64."""
+        return torch.log_softmax(t.double()[:, None, None] * self.a + self.b, -1)
+
+    def __call__(self, z, t):
+        t = 1.0 - t if self.flip else t
+        return self.log_mu(t).float().expand(z.shape[0], -1, -1) if t.numel() == 1 else self.log_mu(t).float()
+
+
+def time_dependent_exact(den, x, sched, num_steps=None):
+    """MD4's diffusion term for the factorised time-dependent denoiser: ∫ -α'(t) Σ_i CE_i(t) dt
+    (the masking probability 1 - α cancels w's denominator), or Σ_i (α_s - α_t) Σ CE(t_i)."""
+    if num_steps is None:
+        t, weight = gauss_legendre(0.0, 1.0, 200)
+        weight = weight * -sched.alpha_prime(t)
+    else:
+        t = torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps
+        weight = sched.alpha(t - 1.0 / num_steps) - sched.alpha(t)
+    ce = -den.log_mu(t)[:, torch.arange(x.numel()), x].sum(-1)  # (n,)
+    return float((weight * ce).sum())
+
+
+def genmd4_time_dependent_exact(den, x, sched, t1):
+    """GenMD4's diffusion term for the same denoiser: ∫_{t1}^1 Σ_i (1-ε) t^{w_x} ℓ_i(t) dt with
+    ℓ_i(t) = (w_x/t)(-log μ_x - 1) + Σ_j (w_j/t) μ_j, by quadrature in log t."""
+    s, ws = gauss_legendre(math.log(t1), 0.0, 200)
+    t = torch.exp(s)
+    w = sched.exponents.detach().double()
+    log_mu = den.log_mu(t)  # (n, L, V)
+    wx = w[x]
+    ell = (wx * (-log_mu[:, torch.arange(x.numel()), x] - 1) + (log_mu.exp() * w).sum(-1)) / t[:, None]  # (n, L)
+    p_masked = (1 - sched.eps) * t[:, None] ** wx
+    return float((ws * t * (p_masked * ell).sum(-1)).sum())
+
+
+@pytest.mark.parametrize("objective", ["md4", "md4-T8", "genmd4"])
+def test_the_losses_pass_the_drawn_time_to_the_denoiser(objective):
+    """With a denoiser that depends on t, the Monte Carlo mean matches the exact value within
+    4 SE; fed 1 - t instead (as a wrong time convention would), it is more than 8 SE off."""
+    vocab, length = 5, 6
+    x = torch.tensor([0, 3, 1, 4, 2, 2])
+    estimates = {}
+    for flip in (False, True):
+        den = TimeDependent(vocab, length, seed=3, flip=flip)
+        g = torch.Generator().manual_seed(22)
+        with torch.no_grad():
+            if objective == "genmd4":
+                sched = spread_genmd4_schedule(vocab, seed=1)
+                draws = [genmd4_losses(den, x.expand(4000, -1), sched, generator=g)["diffusion"] for _ in range(4)]
+            else:
+                sched = maskdiff.get_schedule("cosine", eps=EPS)  # (linear: -α' = 1 is symmetric in t ↔ 1 - t)
+                steps = 8 if objective == "md4-T8" else None
+                draws = [md4_loss_terms(den, x.expand(4000, -1), sched, num_steps=steps, generator=g,
+                                        vocab_size=vocab)["diffusion"] for _ in range(4)]
+        estimates[flip] = mean_estimate(torch.cat(draws))
+    den = TimeDependent(vocab, length, seed=3)
+    if objective == "genmd4":
+        exact_value = genmd4_time_dependent_exact(den, x, sched, maskdiff.losses.GENMD4_T1)
+    else:
+        exact_value = time_dependent_exact(den, x, sched, 8 if objective == "md4-T8" else None)
+    right, flipped = estimates[False], estimates[True]
+    assert abs(right.mean - exact_value) < 4 * right.stderr, (right, exact_value)
+    assert abs(flipped.mean - exact_value) > 8 * flipped.stderr, (flipped, exact_value)
 
 
 # ---------------------------------------------------------------------------------------------

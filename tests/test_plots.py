@@ -12,6 +12,7 @@ pytest.importorskip("matplotlib")
 from PIL import Image
 
 from maskdiff import cli
+from maskdiff.apps.checks import UsageError
 from maskdiff.apps.likelihood import elbo_vs_steps
 from maskdiff.apps.plots import (
     _token_label,
@@ -128,20 +129,23 @@ def test_genmd4_exponents_large_vocabulary(genmd4_run: Path, tmp_path: Path, mon
 def test_elbo_vs_steps_computes_missing_points_paired(md4_run: Path, tmp_path: Path) -> None:
     out = plot_elbo_vs_steps(md4_run, tmp_path / "elbo.png", steps=(2, 20), max_chunks=8, batch_size=8, device="cpu")
     _check_png(out)
-    for name in ("eval-test-T2.json", "eval-test-T20.json", "eval-test.json"):
+    # The file names say what was computed: the first 8 chunks (-n8), batch 8 (-b8).
+    names = ("eval-test-T2-n8-b8.json", "eval-test-T20-n8-b8.json", "eval-test-n8-b8.json")
+    for name in names:
         rec = json.loads((md4_run / name).read_text())
-        assert rec["n_sequences"] == 8 and rec["seed"] == 0 and rec["step"] == 6
-    # A whole-split file of the user's is left alone; the matching figure goes to plots/cache/.
-    user = md4_run / "eval-test-T20.json"
+        assert rec["n_sequences"] == 8 and rec["seed"] == 0 and rec["step"] == 6 and rec["batch_size"] == 8
+    assert not (md4_run / "eval-test.json").exists()  # the whole-split name is not taken by a part
+    # A file of the user's that does not match is left alone; the matching figure goes to plots/cache/.
+    user = md4_run / "eval-test-T20-n8-b8.json"
     mine = json.loads(user.read_text())
     user.write_text(json.dumps({**mine, "n_sequences": 999}))
     points = elbo_vs_steps(md4_run, (20,), max_chunks=8, batch_size=8, device="cpu")
     assert json.loads(user.read_text())["n_sequences"] == 999
     assert points[20]["bits_per_token"] == pytest.approx(mine["bits_per_token"])
-    assert list((md4_run / "plots" / "cache").glob("eval-test-T20-n8-seed0-step6.json"))
+    assert list((md4_run / "plots" / "cache").glob("eval-test-T20-n8-seed0-step6-b8.json"))
     # Nothing to compute: plots what exists.
     _check_png(plot_elbo_vs_steps(md4_run, tmp_path / "elbo2.png", steps=(2, 20), compute_missing=False))
-    for name in ("eval-test-T2.json", "eval-test-T20.json", "eval-test.json"):
+    for name in names:
         (md4_run / name).unlink()
 
 
@@ -166,12 +170,12 @@ def test_cli_plot(md4_run: Path, genmd4_run: Path, tmp_path: Path) -> None:
     # --out naming a file, unknown --what, exponents of an MD4 run: refused.
     target = tmp_path / "afile"
     target.write_text("keep")
-    with pytest.raises(SystemExit, match="not a folder"):
+    with pytest.raises(UsageError, match="not a folder"):
         cmd_plot(parser.parse_args(["plot", str(md4_run), "--out", str(target)]))
     assert target.read_text() == "keep"
-    with pytest.raises(SystemExit, match="--what"):
+    with pytest.raises(UsageError, match="--what"):
         cmd_plot(parser.parse_args(["plot", str(md4_run), "--what", "curvez"]))
-    with pytest.raises(SystemExit, match="GenMD4"):
+    with pytest.raises(UsageError, match="GenMD4"):
         cmd_plot(parser.parse_args(["plot", str(md4_run), "--what", "exponents"]))
     with pytest.raises(RunFolderError, match="not a run folder"):
         cmd_plot(parser.parse_args(["plot", str(tmp_path / "nothing")]))
@@ -202,8 +206,8 @@ def test_elbo_plot_on_an_image_run(tmp_path: Path) -> None:
     assert cli.main(["plot", str(out), "--what", "elbo", "--steps", "2,8", "--max-chunks", "16",
                      "--batch-size", "16", "--device", "cpu", "--out", str(figs)]) == 0
     _check_png(figs / "elbo-vs-steps-test.png")
-    t2 = json.loads((out / "eval-test-T2.json").read_text())
-    cont = json.loads((out / "eval-test.json").read_text())
+    t2 = json.loads((out / "eval-test-T2-n16-b16.json").read_text())
+    cont = json.loads((out / "eval-test-n16-b16.json").read_text())
     assert t2["n_sequences"] == cont["n_sequences"] == 16
     assert "histogram_bits_per_dim" in cont  # evaluated as images
     assert t2["num_steps"] == 2 and 0 < t2["bits_per_token"] < 8.0  # 8 bits/dim = uniform over 256 levels

@@ -575,6 +575,61 @@ def test_top_k_top_p_and_temperature_in_sampling():
     assert set(x.unique().tolist()) <= {0, 1}
 
 
+def chisquare_p_with_zeros(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    """:func:`chisquare_p` for a law with impossible outcomes: 0 if one occurred, else the
+    p-value over the possible ones."""
+    possible = probs > 0
+    counts = torch.bincount(samples.flatten(), minlength=probs.numel())
+    if bool((counts[~possible] > 0).any()):
+        return 0.0
+    index = torch.full((probs.numel(),), -1, dtype=torch.long)
+    index[possible] = torch.arange(int(possible.sum()))
+    return chisquare_p(index[samples.flatten()], probs[possible] / probs[possible].sum())
+
+
+def transformed_step_law(logp, r, temperature, top_p):
+    """The exact law of one step over the V + 1 outcomes (mask last): μ' = softmax(transform(log p)),
+    P(j) = μ'_j r_j, P(mask) = 1 - Σ_j μ'_j r_j. r is (1,) for a scalar schedule or (V,)."""
+    mu = torch.softmax(transform_logits(logp, temperature=temperature, top_p=top_p), -1)
+    p_vocab = mu * r
+    return torch.cat([p_vocab, 1 - p_vocab.sum(-1, keepdim=True)])
+
+
+@pytest.mark.parametrize("sampler, precision, per_token", [
+    ("ancestral", "float64", False), ("ancestral", "float32", False), ("ancestral", "float64", True),
+    ("ancestral", "float32", True), ("mean", "float64", False), ("mean", "float32", False)])
+def test_top_p_and_temperature_at_r_below_one_follow_the_exact_law(sampler, precision, per_token):
+    """At r < 1 a step's law is (μ' r, 1 - Σ μ' r), not μ: checked over the V + 1 outcomes by
+    chi-square (p > 1e-3), against wrong variants that must fail (p < 1e-8): the transforms left
+    out, the transforms applied to the law over V + 1 outcomes (mask included), and, per token,
+    the unmasking probability taken from the untransformed μ."""
+    V, B, L, temperature, top_p = 6, 200, 200, 0.7, 0.7
+    logp = torch.log_softmax(torch.tensor([1.2, 0.9, 0.9, 0.2, -0.5, -1.5], dtype=torch.float64), 0)
+    if per_token:
+        sched = maskdiff.get_schedule("genmd4", vocab_size=V)
+        with torch.no_grad():
+            sched.phi.copy_(torch.tensor([-2.0, -1.0, -1.5, 2.0, 2.5, 3.0]))  # kept tokens unmask slowly
+        a_t, a_s = vocab_alpha(sched, torch.tensor([0.7]), V), vocab_alpha(sched, torch.tensor([0.4]), V)
+    else:
+        a_t, a_s = torch.tensor([[0.2]], dtype=torch.float64), torch.tensor([[0.6]], dtype=torch.float64)
+    r = unmask_probability(a_t, a_s)[0]  # (1,) or (V,), all < 1
+    assert bool((r < 0.9).all())
+    step = ancestral_step if sampler == "ancestral" else mean_step
+    x = step(torch.full((B, L), V), logp.float().expand(B, L, V), a_t, a_s, generator=gen(70 + per_token),
+             precision=precision, temperature=temperature, top_p=top_p)
+    law = transformed_step_law(logp, r, temperature, top_p)
+    assert chisquare_p_with_zeros(x, law) > 1e-3
+    plain = transformed_step_law(logp, r, 1.0, None)
+    full = torch.softmax(transform_logits(torch.log(plain), temperature=temperature, top_p=top_p), -1)
+    wrong = [plain, full]
+    if per_token:
+        p_u = (plain[:V]).sum()  # unmasking probability of the untransformed μ, token ∝ μ' r
+        wrong.append(torch.cat([p_u * law[:V] / law[:V].sum(), (1 - p_u)[None]]))
+    for bad in wrong:
+        assert (bad - law).abs().max() > 0.02  # a different law ...
+        assert chisquare_p_with_zeros(x, bad) < 1e-8  # ... that the check rejects
+
+
 def test_mean_sampler_valid_and_refuses_per_token_schedules():
     V = 9
     x = sample(TinyNet(V), maskdiff.get_schedule("cosine"), batch_size=5, length=20, vocab_size=V, num_steps=40,

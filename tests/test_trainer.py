@@ -207,7 +207,7 @@ def test_cli_train_eval_sample_end_to_end(tmp_path):
     # Refuses to overwrite, names the flags.
     assert main(args) == 2
     assert main(["eval", str(out), "--split", "test", "--max-chunks", "32", "--device", "cpu"]) == 0
-    result = json.loads((out / "eval-test.json").read_text())
+    result = json.loads((out / "eval-test-n32.json").read_text())
     assert result["ci95"][0] < result["bits_per_token"] < result["ci95"][1]
     assert main(["sample", str(out), "--num", "2", "--steps", "8", "--length", "24",
                  "--out", str(tmp_path / "s.jsonl"), "--device", "cpu"]) == 0

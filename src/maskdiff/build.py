@@ -87,4 +87,4 @@ def run_data(config: RunConfig) -> TokenSplits | ImageSplits:
     """The data a run trains and is evaluated on (its ``data`` section, through
     :func:`maskdiff.data.load_data`): the trainer, evaluation and plots all call this."""
     d = config.data
-    return load_data(d.corpus, seq_len=d.seq_len, path=d.path, cache_dir=d.cache_dir)
+    return load_data(d.corpus, seq_len=d.seq_len, path=d.path, cache_dir=d.cache_dir, val_size=d.val_size)

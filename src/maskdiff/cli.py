@@ -43,6 +43,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks (images: N images)")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument("--out", default=None,
+                   help="write the result to this JSON file instead of RUN_DIR/eval-<split>[-<settings>].json "
+                        "(e.g. for a read-only run folder)")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +96,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--draws", type=int, default=1, help="time draws per test sequence")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N test chunks")
+    c.add_argument("--retrain", action="store_true",
+                   help="runs in --out trained with another budget are moved aside (NAME.old-<time>) and trained "
+                        "again (without it they are refused, never reused)")
 
 
 def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
@@ -175,8 +181,15 @@ def _add_genppl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (flag, value, where to look) with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdiff", description="Masked discrete diffusion (MD4 / GenMD4).")
+    parser = _Parser(prog="maskdiff", description="Masked discrete diffusion (MD4 / GenMD4).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -195,22 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from maskdiff.apps.checks import UsageError
     from maskdiff.config import apply_overrides, get_preset
     from maskdiff.runs import read_run_config
     from maskdiff.training import train
 
     if args.resume:
         if args.out is None:
-            raise SystemExit("error: --resume needs --out RUN_DIR (the run to continue)")
+            raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
         cfg_path = Path(args.out) / "config.json"
         if not cfg_path.is_file():
-            raise SystemExit(f"error: cannot resume: {cfg_path} not found; start the run without --resume")
+            raise UsageError(f"cannot resume: {cfg_path} not found; start the run without --resume")
         config = read_run_config(args.out)
         if args.preset:
             print("note: --resume uses the run's saved config; --preset is ignored", file=sys.stderr)
     else:
         if not args.preset:
-            raise SystemExit("error: --preset is required (see `maskdiff presets`)")
+            raise UsageError("--preset is required (see `maskdiff presets`)")
         config = get_preset(args.preset)
     config = apply_overrides(config, args.overrides)
     if args.print_config:
@@ -228,26 +242,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from maskdiff.apps.likelihood import format_eval_table, run_eval
 
     result = run_eval(args.run_dir, split=args.split, draws=args.draws, steps=args.steps, seed=args.seed,
-                      batch_size=args.batch_size, max_chunks=args.max_chunks, device=args.device, weights=args.weights)
+                      batch_size=args.batch_size, max_chunks=args.max_chunks, device=args.device, weights=args.weights,
+                      out=args.out)
     print(format_eval_table(result))
+    print(f"result in {result['file']}", file=sys.stderr)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from maskdiff.apps.generate import generate_text, write_image_samples
+    from maskdiff.apps.checks import check_finite_weights
+    from maskdiff.apps.generate import check_sample_request, generate_text, sample_destination, write_image_samples
     from maskdiff.devices import resolve_device
     from maskdiff.runs import load
 
-    if args.out and Path(args.out).exists():  # refused before any work
-        raise SystemExit(f"error: {args.out} exists; choose another --out (files are never overwritten)")
+    # Everything that can be refused is refused before the weights are loaded and sampled.
+    check_sample_request(num=args.num, steps=args.steps, length=args.length, top_p=args.top_p, top_k=args.top_k,
+                         temperature=args.temperature, guidance=args.guidance, per_class=args.per_class, gap=args.gap,
+                         gap_length=args.gap_length, infill=args.infill, prompt=args.prompt, suffix=args.suffix)
+    image, out = sample_destination(args.run_dir, out=args.out, seed=args.seed, strip=args.strip, prompt=args.prompt,
+                                    suffix=args.suffix, infill=args.infill, length=args.length, top_k=args.top_k,
+                                    label=args.label, per_class=args.per_class, guidance=args.guidance)
     dev = resolve_device(args.device)
     run = load(args.run_dir, device=dev)
-    if run.model.network.config.image_shape is not None:
-        out = Path(args.out) if args.out else run.path / f"samples-{args.seed}.png"
-        if out.exists():
-            raise SystemExit(f"error: {out} exists; choose another --out (files are never overwritten)")
+    check_finite_weights(run)
+    if image:
         written = write_image_samples(
             run, out, num=args.num, per_class=args.per_class, label=args.label, strip=args.strip, steps=args.steps,
             grid=args.grid, guidance=args.guidance, seed=args.seed, precision=args.precision,
@@ -263,13 +283,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             prompt=args.prompt, suffix=args.suffix, infill=args.infill, gap=args.gap, gap_length=args.gap_length,
             seed=args.seed, cache=not args.no_cache, device=args.device, compute=args.compute,
         )
-    if args.out:
+    if out is not None:
         from maskdiff.fileio import atomic_write
 
-        with atomic_write(args.out) as f:
+        with atomic_write(out) as f:
             for i, text in enumerate(texts):
                 f.write((json.dumps({"index": i, "text": text, **settings}) + "\n").encode())
-        print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)
+        print(f"wrote {len(texts)} samples to {out}", file=sys.stderr)
     else:
         for i, text in enumerate(texts):
             print(f"--- sample {i} ---\n{text}")
@@ -289,7 +309,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     summary = compare_methods(args.preset, methods=methods, overrides=args.overrides, out_dir=args.out,
-                              eval_draws=args.draws, max_chunks=args.max_chunks)
+                              eval_draws=args.draws, max_chunks=args.max_chunks, retrain=args.retrain)
     print(format_table(summary))
     return 0
 
@@ -343,6 +363,7 @@ def _free_name(path: Path) -> Path:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from maskdiff.apps.checks import UsageError, check_output_folder, check_run_writable, is_writable, positive_int
     from maskdiff.apps.plots import (
         FILE_NAMES,
         PLOTS_DIR,
@@ -362,25 +383,31 @@ def cmd_plot(args: argparse.Namespace) -> int:
         whats = [w.strip() for w in args.what.split(",") if w.strip()]
         unknown = [w for w in whats if w not in WHATS]
         if unknown or not whats:
-            raise SystemExit(f"error: --what takes a comma-separated list of {', '.join(WHATS)}; got {args.what!r}")
+            raise UsageError(f"--what {args.what!r}: takes a comma-separated list of {', '.join(WHATS)}")
         if "exponents" in whats and not genmd4:
-            raise SystemExit(f"error: {run_dir} is a {method} run; "
-                             "--what exponents needs a GenMD4 run")
+            raise UsageError(f"--what exponents needs a GenMD4 run; {run_dir} is a {method} run")
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}") from None
+        steps = []
     if "elbo" in whats and (not steps or min(steps) < 1):
-        raise SystemExit(f"error: --steps takes comma-separated positive integers, got {args.steps!r}")
+        raise UsageError(f"--steps {args.steps!r}: takes comma-separated positive integers such as 10,100,1000")
+    positive_int("--batch-size", args.batch_size)
+    if args.max_chunks < 0:
+        raise UsageError(f"--max-chunks {args.max_chunks}: must be a number of chunks ≥ 1 (0: the whole split)")
 
     ours = run_dir / PLOTS_DIR
     out_dir = Path(args.out) if args.out else ours
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"error: --out {out_dir} exists and is not a folder; give a folder for the PNGs")
     replace = out_dir.resolve() == ours.resolve()  # RUN_DIR/plots/ is ours: plots there are regenerated
+    if replace and not is_writable(ours if ours.is_dir() else run_dir):
+        raise UsageError(f"{ours if ours.is_dir() else run_dir} is not writable; pass --out DIR to write the plots "
+                         "elsewhere")
+    check_output_folder(out_dir, "--out")
+    if "elbo" in whats and not args.no_compute:
+        check_run_writable(run_dir, "plot --what elbo", "it keeps the evaluations it computes there: pass --no-compute "
+                           "to plot the evaluations that exist, or copy the run folder and plot the copy")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    written = []
     for what in whats:
         target = out_dir / FILE_NAMES[what].format(split=args.split)
         if not replace:
@@ -393,7 +420,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
             path = plot_elbo_vs_steps(run_dir, target, steps, split=args.split,
                                       max_chunks=args.max_chunks or None, compute_missing=not args.no_compute,
                                       seed=args.seed, batch_size=args.batch_size, device=args.device, progress=True)
-        written.append(path)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -414,16 +440,54 @@ HANDLERS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": 
             "presets": cmd_presets, "zeroshot": cmd_zeroshot, "plot": cmd_plot, "genppl": cmd_genppl}
 
 
+_USER_ERRORS = (ValueError, LookupError, ImportError, RuntimeError, PermissionError, FileNotFoundError,
+                FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def _exit_code(err: BaseException) -> int:
+    """2 for bad input (nothing was done), 1 for a failure of the work itself; an ``exit_code``
+    attribute of the exception decides when it has one."""
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return 1
+    return 2 if isinstance(err, _USER_ERRORS) else 1  # other OSErrors (disk full, I/O) and bugs: 1
+
+
+def _message(err: BaseException) -> str:
+    """The error as one line, naming the file of an OSError; an unexpected exception (a bug) says so."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, ImportError) and err.name and "install" not in text:
+        return f"{text}: install it (pip install {err.name.split('.')[0]})"
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        fix = {13: "choose a location you may write to", 28: "free some space; files written before are complete",
+               30: "choose a location you may write to"}.get(err.errno or 0, "")
+        return f"{err.filename}: {err.strerror}" + (f"; {fix}" if fix else "")
+    if not isinstance(err, (*_USER_ERRORS, OSError)) and not hasattr(err, "exit_code"):
+        return (f"internal error, {type(err).__name__}: {text} (a bug in maskdiff: please report it; "
+                "MASKDIFF_DEBUG=1 shows the traceback)")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Every error is one line on stderr: exit code 2 for bad input (nothing was
+    done), 1 when the work itself failed; a traceback only with ``MASKDIFF_DEBUG=1``."""
     args = build_parser().parse_args(argv)
     try:
         return HANDLERS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Bad input: one clear line instead of a traceback (set MASKDIFF_DEBUG=1 for the traceback).
+    except KeyboardInterrupt:
         if os.environ.get("MASKDIFF_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print("error: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("MASKDIFF_DEBUG"):
+            raise
+        print(f"error: {_message(err)}", file=sys.stderr)
+        return _exit_code(err)
 
 
 if __name__ == "__main__":  # pragma: no cover

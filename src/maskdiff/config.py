@@ -9,6 +9,7 @@ config is written as ``config.json`` in every run folder so that a run can be re
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +44,7 @@ class DataConfig:
     path: str | None = None  # text8(.zip) file, or local files / dataset name for hf:
     seq_len: int = 128
     cache_dir: str | None = None  # default: $MASKDIFF_CACHE or ~/.cache/maskdiff
+    val_size: int | None = None  # cifar10/imagenet64: training images held out for validation (None: 5,000/10,000)
 
 
 @dataclass
@@ -119,6 +121,7 @@ class TrainConfig:
     # every process; "fsdp" shards parameters, gradients and optimiser state across processes
     # (FSDP2, for models that do not fit one device). Same results and checkpoints either way.
     parallel: str = "ddp"  # ddp | fsdp
+    max_nonfinite_steps: int = 10  # steps in a row with a non-finite loss/gradient (skipped) before training stops
 
 
 @dataclass
@@ -138,6 +141,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check cross-field constraints; raise ValueError naming the field and the fix."""
+        check_types(self)
+        check_ranges(self)
         d, m, t, o = self.diffusion, self.model, self.train, self.optim
         if d.method not in ("md4", "genmd4", "ar"):
             raise ValueError(f"diffusion.method must be md4, genmd4 or ar, got {d.method!r}")
@@ -160,16 +165,8 @@ class RunConfig:
             raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
         if t.batch_size % t.grad_accum:
             raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
-        if t.steps < 1:
-            raise ValueError(f"train.steps must be positive, got {t.steps}")
-        if self.data.seq_len < 2:
-            raise ValueError(f"data.seq_len must be at least 2, got {self.data.seq_len}")
         if o.decay not in ("cosine", "constant"):
             raise ValueError(f"optim.decay must be cosine or constant, got {o.decay!r}")
-        if not 0 <= o.ema_decay < 1:
-            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
-        if not 0 <= m.label_dropout < 1:
-            raise ValueError(f"model.label_dropout must lie in [0, 1), got {m.label_dropout}")
         if m.class_conditional and d.method == "ar":
             raise ValueError("model.class_conditional is for diffusion models, not the AR baseline")
         if t.dtype not in ("auto", "bf16", "fp32"):
@@ -180,6 +177,67 @@ class RunConfig:
 
 
 ARCHITECTURES = tuple(NETWORK_ARCHITECTURES)  # the names registered in maskdiff.networks
+
+# Ranges of the numeric fields: key -> (lowest, highest (excluded), whether the lowest is allowed).
+# Every float must also be finite: inf and nan are refused for every key.
+_INF = math.inf
+RANGES: dict[str, tuple[float, float, bool]] = {
+    **dict.fromkeys(("model.n_layers", "model.d_model", "model.n_heads", "model.unet_res_blocks", "train.steps",
+                     "train.batch_size", "train.grad_accum", "train.log_every", "train.max_nonfinite_steps"),
+                    (1, _INF, True)),
+    **dict.fromkeys(("model.unet_attention_layers", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+                     "optim.min_lr_ratio", "train.eval_every", "train.eval_batches", "train.save_every",
+                     "train.keep_checkpoints", "train.num_threads"), (0, _INF, True)),
+    **dict.fromkeys(("model.mlp_ratio", "diffusion.exponent", "diffusion.init_exponent", "optim.lr"), (0, _INF, False)),
+    **dict.fromkeys(("model.dropout", "model.label_dropout", "diffusion.t1", "optim.beta1", "optim.beta2",
+                     "optim.ema_decay"), (0, 1, True)),
+    "data.seq_len": (2, _INF, True),
+    "diffusion.eps": (0, 0.5, True),
+}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _field_types() -> dict[str, tuple[str, str, type, bool]]:
+    """key -> (section, field, type, None allowed) for every field of every section."""
+    out = {}
+    for sec, cls in _section_classes().items():
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint)
+            optional = type(None) in args
+            base = next(a for a in args if a is not type(None)) if optional else hint
+            out[f"{sec}.{name}"] = (sec, name, base, optional)
+    return out
+
+
+def check_types(config: "RunConfig") -> None:
+    """Every field holds a value of its type (a config.json edited by hand may not): ValueError naming the key."""
+    if not isinstance(config.name, str):
+        raise ValueError(f"name={config.name!r}: expected a string")
+    for key, (sec, name, kind, optional) in _field_types().items():
+        value = getattr(getattr(config, sec), name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"{key}={value!r}: expected {_TYPE_NAMES.get(kind, kind.__name__)}")
+
+
+def check_ranges(config: "RunConfig") -> None:
+    """Every number is finite and inside its range (:data:`RANGES`): ValueError naming the key, the value and the range."""
+    for key, (sec, name, kind, _) in _field_types().items():
+        value = getattr(getattr(config, sec), name)
+        if kind is float and value is not None and not math.isfinite(value):
+            raise ValueError(f"{key}={value}: must be a finite number")
+        if key not in RANGES or value is None:
+            continue
+        lo, hi, lo_ok = RANGES[key]
+        if value < lo or (value == lo and not lo_ok) or value >= hi:
+            what = "an integer" if kind is int else "a number"
+            span = f"≥ {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g})"
+            span = span if lo_ok else span.replace("≥", ">").replace("[", "(")
+            raise ValueError(f"{key}={value}: must be {what} {span}")
 
 
 def unet_channel_mult(model: ModelConfig) -> tuple[int, ...]:
@@ -263,6 +321,9 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from :meth:`RunConfig.to_dict` output, rejecting unknown keys."""
     classes = _section_classes()
+    if not isinstance(data, dict) or not all(isinstance(data.get(sec, {}), dict) for sec in classes):
+        raise ValueError(f"a run config is a JSON object with the sections {', '.join(classes)}; "
+                         f"got {type(data).__name__}")
     unknown = set(data) - set(classes) - {"name"}
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; valid: name, {', '.join(classes)}")
@@ -274,7 +335,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         if bad:
             raise ValueError(f"unknown keys in config section {sec!r}: {sorted(bad)}; valid: {sorted(names)}")
         kwargs[sec] = cls(**values)
-    return RunConfig(**kwargs)
+    config = RunConfig(**kwargs)
+    check_types(config)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

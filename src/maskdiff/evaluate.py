@@ -72,6 +72,7 @@ def evaluate_nelbo(
     index). With ``world_size > 1`` (an initialised process group), rank r evaluates batches
     r, r + world, ... and the statistics are all-reduced.
     """
+    _check_counts(batch_size, max_chunks, "max_chunks")
     n_total = num_eval_chunks(tokens, seq_len)
     if max_chunks is not None:
         n_total = min(n_total, max_chunks)
@@ -97,12 +98,21 @@ def evaluate_images(
 
     ``labels`` are passed to a class-conditional model (None for an unconditional one).
     """
+    _check_counts(batch_size, max_images, "max_images")
     n = len(images) if max_images is None else min(len(images), max_images)
     if n == 0:
         raise ValueError("the image split is empty")
     batches = eval_image_batches(images, labels, batch_size, max_images=n)
     return evaluate_batches(model, batches, seq_len=int(images.shape[1]), num_batches=math.ceil(n / batch_size),
                             **kwargs)
+
+
+def _check_counts(batch_size: int, limit: int | None, name: str) -> None:
+    """A batch size and an optional limit on the sequences are positive integers (before any work)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{name} must be a positive integer (None: the whole split), got {limit!r}")
 
 
 def _network_attribute(model: Any, name: str) -> Any:

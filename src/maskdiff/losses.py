@@ -49,12 +49,17 @@ __all__ = [
     "genmd4_losses",
     "ar_nll_terms",
     "genmd4_diffusion_integrand",
+    "genmd4_position_terms",
     "genmd4_reconstruction",
     "genmd4_log_mask_probability",
 ]
 
 #: ``(z_t, t, x, masked) -> (B, *S)`` float32 cross-entropy at masked positions, 0 elsewhere.
 MaskedCrossEntropy = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+#: ``(z_t, t, x, masked, w) -> (B, *S)`` float32 GenMD4 terms ``w_x (-log μ_x - 1) + Σ_j w_j μ_j``
+#: at masked positions, 0 elsewhere (w: the exponents (V,)); see :func:`genmd4_losses`.
+MaskedIntegrand = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 #: GenMD4's lower time limit t1: the diffusion integral runs over [t1, 1].
 GENMD4_T1 = 1e-3
@@ -141,6 +146,16 @@ def masked_cross_entropy(logits: Tensor, x: Tensor, masked: Tensor) -> Tensor:
     return ce
 
 
+def _refuse_per_token(schedule: Schedule) -> None:
+    """MD4's integrand w(t) · Σ CE is the ELBO only for a schedule shared by every token."""
+    if getattr(schedule, "per_token", False):
+        raise ValueError(
+            f"md4_loss_terms / md4_nelbo need a scalar schedule, got the per-token {type(schedule).__name__}: "
+            "with a per-token schedule MD4's integrand is not a bound (docs/math.md, \"GenMD4\"); "
+            "use maskdiff.genmd4_losses(denoiser, x, schedule) instead"
+        )
+
+
 def _md4_boundary_terms(
     schedule: Schedule, x: Tensor, vocab_size: int, score: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -182,8 +197,10 @@ def md4_loss_terms(
 
         diffusion = T · (α_s - α_t) / (1 - α_t) · Σ_{masked} -log μ_θ(z_t, t)_{i, x^i}
 
-    Returns a dict with ``diffusion``, ``reconstruction``, ``prior``, ``nelbo`` (their sum), and
-    ``t`` (the times drawn) and ``num_masked`` (masked positions that count) for logging.
+    Scalar schedules only: a per-token schedule raises ValueError (its bound is
+    :func:`genmd4_losses`). Returns a dict with ``diffusion``, ``reconstruction``, ``prior``,
+    ``nelbo`` (their sum), and ``t`` (the times drawn) and ``num_masked`` (masked positions that
+    count) for logging.
     ``vocab_size`` defaults to the denoiser's output width. ``score_mask`` (bool, x's shape)
     restricts the three sums to the scored positions (see the module docs).
 
@@ -192,6 +209,7 @@ def md4_loss_terms(
     that applies the output head to the masked positions only, in chunks
     (:mod:`maskdiff.cross_entropy`). It must return the same values.
     """
+    _refuse_per_token(schedule)
     _check_inputs(x)
     score = _check_score_mask(score_mask, x)
     batch = x.shape[0]
@@ -255,6 +273,35 @@ def md4_nelbo(
 # ----------------------------------------------------------------------------------------------
 # GenMD4
 
+#: The largest float32 below 1. GenMD4's times are float32: u close to 1 would otherwise round to
+#: t = 1, where with ε = 0 a visible token has log q = -inf (docs/math.md, "GenMD4", "Numerics").
+_BELOW_ONE_F32 = 1.0 - 2.0**-24
+
+
+def genmd4_position_terms(log_mu: Tensor, target: Tensor, w: Tensor) -> Tensor:
+    """GenMD4's integrand per masked position, without its 1/t: ``w_x (-log μ_x - 1) + Σ_j w_j μ_j``.
+
+    Args:
+        log_mu: (N, V) float32 log-probabilities of the masked positions; target: (N,) their clean
+            tokens; w: (V,) the exponents.
+    Returns:
+        (N,) float32. ``Σ_j w_j μ_j`` is a float32 product even under autocast: it nearly cancels
+        against ``w_x`` (exactly, for equal exponents), and in bf16 it would carry ~1e-3 relative
+        error into every position.
+    """
+    log_mu_x = log_mu.gather(-1, target[:, None]).squeeze(-1)  # (N,)
+    with torch.autocast(log_mu.device.type, enabled=False):
+        expected_w = log_mu.float().exp() @ w.float()  # Σ_j μ_j w_j, (N,)
+    return w[target] * (-log_mu_x - 1.0) + expected_w
+
+
+def _masked_time_sum(values: Tensor, masked: Tensor, t: Tensor) -> Tensor:
+    """Σ over each sequence's masked positions of ``values / t``: values (N,) in the order of
+    ``masked.nonzero()``, masked (B, *S), t (B,); returns (B,) float32."""
+    rows = masked.nonzero(as_tuple=True)[0]  # batch index of each masked position, (N,)
+    out = torch.zeros(masked.shape[0], dtype=torch.float32, device=values.device)
+    return out.index_add(0, rows, (1.0 / t.float()[rows]) * values)
+
 
 def genmd4_diffusion_integrand(
     logits: Tensor, x: Tensor, masked: Tensor, t: Tensor, schedule: GenMD4Schedule
@@ -266,23 +313,17 @@ def genmd4_diffusion_integrand(
         ℓ_i(t) = (w_x / t) · (-log μ_x - 1) + Σ_j (w_j / t) · μ_j
 
     With every w_j = k this is (k/t)·(-log μ_x): MD4's polynomial-schedule integrand.
+    See :func:`genmd4_position_terms` for the precision of the last sum.
 
     Args:
         logits: (B, L, V); x: (B, L); masked: bool (B, L); t: (B,).
     """
-    batch = x.shape[0]
-    out = torch.zeros(batch, dtype=torch.float32, device=logits.device)
     if not masked.any():
-        return out + 0.0 * schedule.phi.sum()  # keep φ in the graph
-    w = schedule.exponents.float()  # (V,)
-    rows = masked.nonzero(as_tuple=True)[0]  # batch index of each masked position, (N,)
+        zero = torch.zeros(x.shape[0], dtype=torch.float32, device=logits.device)
+        return zero + 0.0 * schedule.phi.sum()  # keep φ in the graph
     log_mu = F.log_softmax(logits[masked].float(), dim=-1)  # (N, V)
-    target = x[masked].long()  # (N,)
-    log_mu_x = log_mu.gather(-1, target[:, None]).squeeze(-1)  # (N,)
-    inv_t = 1.0 / t.float()[rows]  # (N,)
-    expected_w = log_mu.exp() @ w  # Σ_j μ_j w_j, (N,)
-    per_position = inv_t * (w[target] * (-log_mu_x - 1.0) + expected_w)
-    return out.index_add(0, rows, per_position)
+    values = genmd4_position_terms(log_mu, x[masked].long(), schedule.exponents.float())
+    return _masked_time_sum(values, masked, t)
 
 
 def _genmd4_reconstruction_per_position(x: Tensor, schedule: GenMD4Schedule, t1: float) -> Tensor:
@@ -304,14 +345,29 @@ def genmd4_reconstruction(x: Tensor, schedule: GenMD4Schedule, t1: float = GENMD
     return _genmd4_reconstruction_per_position(x, schedule, t1).flatten(1).sum(1)
 
 
+def _log1mexp(a: Tensor) -> Tensor:
+    """log(1 - e^a) for a < 0, accurate everywhere: log(-expm1 a) for a > -ln 2, log1p(-e^a) below.
+
+    Each branch sees only arguments where it is finite, so neither can put NaN into the gradient.
+    """
+    near = a > -math.log(2.0)
+    cut = torch.full_like(a, -math.log(2.0))
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, a, cut))),
+                       torch.log1p(-torch.exp(torch.where(near, cut, a))))
+
+
 def genmd4_log_mask_probability(z: Tensor, x: Tensor, t: Tensor, schedule: GenMD4Schedule) -> Tensor:
     """log q(z | x, t) per sequence, shape (B,)::
 
         Σ_i [ masked: log(1 - ε) + w_{x^i} log t ;  unmasked: log(1 - (1 - ε) t^{w_{x^i}}) ]
+
+    The unmasked term is evaluated stably (log(-expm1(·)) near t = 1) and only at unmasked
+    positions: at a masked position with ε = 0 and t = 1 it would be log 0, whose gradient would
+    turn the exponents' gradient into NaN even though the term is not selected.
     """
     masked = z == schedule.vocab_size
     log_masked = schedule.log_alpha_complement(t, x)  # (B, L)
-    log_kept = torch.log1p(-torch.exp(log_masked))
+    log_kept = _log1mexp(torch.where(masked, torch.full_like(log_masked, -1.0), log_masked))
     return torch.where(masked, log_masked, log_kept).flatten(1).sum(1)
 
 
@@ -324,12 +380,13 @@ def genmd4_losses(
     t1: float = GENMD4_T1,
     antithetic: bool = True,
     score_mask: Tensor | None = None,
+    integrand: MaskedIntegrand | None = None,
 ) -> dict[str, Tensor]:
     """GenMD4 objective with the REINFORCE leave-one-out (RLOO) gradient, per sequence (B,).
 
-    t ~ U[t1, 1) (antithetic, rescaled); two independent masks z¹, z² at the same t per sequence
-    (one denoiser call on a batch of 2B). With ℓᵏ = (1 - t1) · Σ_{masked i} ℓ_i(t) (an unbiased
-    estimate of ∫_{t1}^1 E_q[Σ ℓ_i] dt)::
+    t ~ U[t1, 1) (antithetic, rescaled; in float32, kept below 1); two independent masks z¹, z²
+    at the same t per sequence (one denoiser call on a batch of 2B). With
+    ℓᵏ = (1 - t1) · Σ_{masked i} ℓ_i(t) (an unbiased estimate of ∫_{t1}^1 E_q[Σ ℓ_i] dt)::
 
         nelbo     = ½ (ℓ¹ + ℓ²) + reconstruction + prior
         surrogate = nelbo + ½ · stopgrad(ℓ¹ - ℓ²) · (log q(z¹) - log q(z²))
@@ -340,6 +397,12 @@ def genmd4_losses(
 
     ``score_mask`` (bool, x's shape) restricts ℓ, the reconstruction and the prior to the scored
     positions; log q(z) stays over every position, since every position is masked at random.
+
+    ``integrand(z, t, x, masked, w) -> (B, *S)`` replaces "call the denoiser, then
+    :func:`genmd4_position_terms` on the masked positions" when given (0 at the other positions,
+    w the exponents (V,) to differentiate through): :class:`maskdiff.model.MaskedDiffusion`
+    passes one that applies the output head to the masked positions only, in chunks
+    (:func:`maskdiff.cross_entropy.linear_genmd4_terms`). It must return the same values.
     """
     if not isinstance(schedule, GenMD4Schedule):
         raise TypeError(
@@ -351,7 +414,7 @@ def genmd4_losses(
     vocab = schedule.vocab_size
     batch = x.shape[0]
     u = sample_times(batch, antithetic=antithetic, generator=generator, device=x.device, dtype=torch.float64)
-    t = rescale_time(u, t1).float()  # (B,)
+    t = rescale_time(u, t1).float().clamp(max=_BELOW_ONE_F32)  # (B,), in [t1, 1) after float32 rounding
 
     x2 = torch.cat([x, x], dim=0)  # (2B, L)
     t2 = torch.cat([t, t], dim=0)  # (2B,)
@@ -360,8 +423,13 @@ def genmd4_losses(
     masked = z2 == vocab
     if score is not None:
         masked = masked & torch.cat([score, score], dim=0)  # the masked positions that count
-    logits = _call_denoiser(denoiser, z2, t2, vocab)
-    ell = (1.0 - t1) * genmd4_diffusion_integrand(logits, x2, masked, t2, schedule)  # (2B,)
+    if integrand is None:
+        logits = _call_denoiser(denoiser, z2, t2, vocab)
+        ell = genmd4_diffusion_integrand(logits, x2, masked, t2, schedule)  # (2B,)
+    else:
+        per_position = integrand(z2, t2, x2, masked, schedule.exponents)  # (2B, *S)
+        ell = _masked_time_sum(per_position[masked], masked, t2) + 0.0 * per_position.sum()  # (graph kept if none)
+    ell = (1.0 - t1) * ell
     ell1, ell2 = ell[:batch], ell[batch:]
 
     log_q = genmd4_log_mask_probability(z2, x2, t2, schedule)  # (2B,)

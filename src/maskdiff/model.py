@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskdiff.cross_entropy import linear_cross_entropy
-from maskdiff.losses import MaskedCrossEntropy, ar_nll_terms, genmd4_losses, md4_loss_terms
+from maskdiff.cross_entropy import linear_cross_entropy, linear_genmd4_terms
+from maskdiff.losses import MaskedCrossEntropy, MaskedIntegrand, ar_nll_terms, genmd4_losses, md4_loss_terms
 from maskdiff.networks import DenoiserBase
 from maskdiff.schedules import GenMD4Schedule, Schedule
 
@@ -40,9 +40,9 @@ class MaskedDiffusion(nn.Module):
         method: ``"md4"``, ``"genmd4"`` or ``"ar"``.
         t1: GenMD4's lower time limit. antithetic: stratified time sampling across the batch.
         label_dropout: probability of training a class-conditional network without its label.
-        chunked_loss: MD4's cross-entropy through the head at masked positions only, in chunks
-            (:mod:`maskdiff.cross_entropy`; same values, a fraction of the memory). False computes
-            the full (B, L, V) logits first (the reference path).
+        chunked_loss: MD4's cross-entropy and GenMD4's integrand through the head at masked
+            positions only, in chunks (:mod:`maskdiff.cross_entropy`; same values, a fraction of
+            the memory). False computes the full (B, L, V) logits first (the reference path).
     """
 
     def __init__(
@@ -61,6 +61,8 @@ class MaskedDiffusion(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if method == "genmd4" and not isinstance(schedule, GenMD4Schedule):
             raise ValueError("method 'genmd4' needs the per-token schedule: get_schedule('genmd4', vocab_size=V)")
+        if method == "md4" and getattr(schedule, "per_token", False):
+            raise ValueError("method 'md4' needs a scalar schedule; a per-token schedule trains with method 'genmd4'")
         if method == "ar" and not network.causal:
             raise ValueError("method 'ar' needs a causal network (TransformerConfig(causal=True))")
         self.network = network
@@ -71,7 +73,7 @@ class MaskedDiffusion(nn.Module):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         self.label_dropout = label_dropout
-        # MD4's loss applies the head to masked positions only, chunked (False: full logits).
+        # The losses apply the head to masked positions only, chunked (False: full logits).
         self.chunked_loss = chunked_loss
         # A learnable (nn.Module) schedule is registered as a submodule and trains with the network.
         self.schedule = schedule
@@ -127,6 +129,22 @@ class MaskedDiffusion(nn.Module):
 
         return cross_entropy
 
+    def _chunked_genmd4_terms(self, labels: Tensor | None) -> MaskedIntegrand:
+        """GenMD4's per-position terms through the head at masked positions only, in chunks
+        (:func:`maskdiff.cross_entropy.linear_genmd4_terms`): same values as logits +
+        ``genmd4_position_terms``, without the (2B, L, V) logits."""
+
+        def integrand(z: Tensor, t: Tensor, x: Tensor, masked: Tensor, w: Tensor) -> Tensor:
+            hidden = self.network(z, t, labels=self._labels_for(labels, z.shape[0]), return_hidden=True)
+            out = torch.zeros(x.shape, dtype=torch.float32, device=hidden.device)
+            selected = hidden[masked]  # (N, D): masked positions only
+            if selected.shape[0] == 0:
+                return out + 0.0 * (hidden.sum() + self.network.head_weight.sum())  # every parameter stays in the graph (DDP)
+            values = linear_genmd4_terms(selected, self.network.head_weight, x[masked].long(), w)  # (N,)
+            return out.masked_scatter(masked, values)
+
+        return integrand
+
     def forward(
         self,
         x: Tensor,
@@ -155,7 +173,8 @@ class MaskedDiffusion(nn.Module):
             if num_steps is not None:
                 raise ValueError("GenMD4 has a continuous-time objective only; leave num_steps unset")
             terms = genmd4_losses(network, x, self.schedule, generator=generator, t1=self.t1,
-                                  antithetic=self.antithetic, score_mask=score_mask)
+                                  antithetic=self.antithetic, score_mask=score_mask,
+                                  integrand=self._chunked_genmd4_terms(labels) if self.chunked_loss else None)
             terms["loss"] = terms["surrogate"].mean() / length
             return terms
         terms = md4_loss_terms(network, x, self.schedule, num_steps=num_steps, generator=generator,

@@ -13,13 +13,21 @@ from typing import Any
 import torch
 
 from maskdiff import runs
+from maskdiff.apps.checks import (
+    UsageError,
+    check_output_file,
+    check_run_writable,
+    finite_number,
+    positive_int,
+)
 from maskdiff.apps.images import class_grid, save_grid, unmasking_strip
-from maskdiff.data import CHAR_CORPORA
+from maskdiff.data import CHAR_CORPORA, IMAGE_DATASETS, normalize_text8
 from maskdiff.devices import resolve_device
 from maskdiff.sampling import SampleInfo, fixed_from_template, make_fixed, sample
 from maskdiff.sampling.cuda_graph import GraphDenoiser
 
-__all__ = ["generate_tokens", "generate_text", "generate_images", "write_image_samples"]
+__all__ = ["generate_tokens", "generate_text", "generate_images", "write_image_samples", "check_sample_request",
+           "sample_destination"]
 
 
 def _open(run_dir: str | os.PathLike | runs.LoadedRun, device: torch.device) -> runs.LoadedRun:
@@ -31,27 +39,54 @@ def _fixed_tokens(run: runs.LoadedRun, length: int, prompt: str | None, suffix: 
     """The tokens a request fixes (FREE elsewhere) and the sample length they imply."""
     cfg, tok = run.config, run.tokenizer
 
-    def encode(text: str) -> list[int]:
-        if cfg.data.corpus in CHAR_CORPORA:
-            return tok.encode(text, normalize=True)
+    chars = cfg.data.corpus in CHAR_CORPORA
+
+    def encode(text: str, flag: str) -> list[int]:
+        if chars:
+            _check_alphabet(text, flag, cfg.data.corpus, [text], gap)
         return tok.encode(text)
 
     if infill is not None:
         if prompt or suffix:
-            raise ValueError("use either --infill or --prompt/--suffix, not both")
-
-        class _Enc:  # the template's text pieces go through the same normalisation as prompts
-            def encode(self, text: str) -> list[int]:
-                return encode(text)
-
-        fixed = fixed_from_template(infill, _Enc(), gap=gap, gap_length=gap_length, length=None)
+            raise UsageError("use either --infill or --prompt/--suffix, not both")
+        _check_template(infill, gap, gap_length)
+        if chars:  # the text between the gaps, checked as a whole
+            _check_alphabet(infill, "--infill", cfg.data.corpus, infill.split(gap), gap)
+        fixed = fixed_from_template(infill, tok, gap=gap, gap_length=gap_length, length=None)
         if fixed.shape[1] > cfg.data.seq_len:
-            raise ValueError(f"the infill template needs {fixed.shape[1]} tokens; the model takes at most {cfg.data.seq_len}")
+            raise UsageError(f"--infill: the template needs {fixed.shape[1]} tokens with --gap-length {gap_length}; "
+                             f"the model takes at most {cfg.data.seq_len}: shorten the text or the gaps")
         return fixed, fixed.shape[1]
-    if prompt or suffix:
-        return make_fixed(length, prefix=encode(prompt) if prompt else None,
-                          suffix=encode(suffix) if suffix else None), length
+    prefix = encode(prompt, "--prompt") if prompt else []
+    ending = encode(suffix, "--suffix") if suffix else []
+    if len(prefix) + len(ending) >= length:
+        raise UsageError(f"--prompt/--suffix take {len(prefix) + len(ending)} of the {length} tokens of a sample, "
+                         "leaving nothing to generate: shorten them or pass a larger --length")
+    if prefix or ending:
+        return make_fixed(length, prefix=prefix or None, suffix=ending or None), length
     return None, length
+
+
+def _check_alphabet(text: str, flag: str, corpus: str, pieces: list[str], gap: str) -> None:
+    """Character runs read only ``a-z`` and single spaces: text that normalisation would change
+    (capitals, digits, punctuation, runs of spaces) is refused with the normalised form to pass
+    (``pieces``: the text between infilling gaps, else ``[text]``)."""
+    clean = gap.join(normalize_text8(p) for p in pieces)
+    if clean != text:
+        odd = sorted({c for p in pieces for c in p if not ("a" <= c <= "z" or c == " ")})
+        what = f"characters outside a-z and space ({', '.join(map(repr, odd))})" if odd else "runs of spaces"
+        raise UsageError(f"{flag} {text!r} has {what}, which the {corpus} model cannot read; "
+                         f"pass it as the model reads it: {flag} {clean!r}")
+
+
+def _check_template(infill: str, gap: str, gap_length: int) -> None:
+    """An infilling template needs a gap marker and at least one free position per gap."""
+    if not gap:
+        raise UsageError("--gap '': the gap marker must be a non-empty string such as ___")
+    if gap not in infill:
+        raise UsageError(f"--infill {infill!r} has no gap {gap!r}: mark each gap to fill with {gap} "
+                         "(or name another marker with --gap)")
+    positive_int("--gap-length", gap_length, fix="each gap needs at least one position to fill")
 
 
 def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = None, steps: int = 256,
@@ -77,9 +112,11 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
     model, cfg = run.model, run.config
     if cfg.diffusion.method == "ar":
         raise ValueError("this run is the autoregressive baseline; `maskdiff sample` draws from diffusion runs")
-    length = length or cfg.data.seq_len
+    positive_int("--length", length, fix=f"omit it for the run's sequence length {cfg.data.seq_len}")
+    length = cfg.data.seq_len if length is None else length
     if length > cfg.data.seq_len:
-        raise ValueError(f"--length {length} exceeds the model's sequence length {cfg.data.seq_len}")
+        raise UsageError(f"--length {length} exceeds the model's sequence length {cfg.data.seq_len}; "
+                         f"pass at most {cfg.data.seq_len}")
     fixed, length = _fixed_tokens(run, length, prompt, suffix, infill, gap, gap_length)
     generator = torch.Generator(device=dev).manual_seed(seed)
     time_agnostic = not model.time_conditioning
@@ -114,6 +151,59 @@ def generate_text(run_dir: str | Any, **kwargs: Any) -> tuple[list[str], dict[st
     return [run.tokenizer.decode(row.tolist()) for row in tokens], settings
 
 
+def check_sample_request(*, num: int = 4, steps: int = 256, length: int | None = None, top_p: float | None = None,
+                         top_k: int | None = None, temperature: float = 1.0, guidance: float = 0.0,
+                         per_class: int | None = None, gap: str = "___", gap_length: int = 16,
+                         infill: str | None = None, prompt: str | None = None, suffix: str | None = None) -> None:
+    """The numbers and texts of a ``maskdiff sample`` request, checked before anything is loaded."""
+    positive_int("--num", num)
+    positive_int("--steps", steps)
+    positive_int("--length", length, fix="omit it for the run's sequence length")
+    positive_int("--top-k", top_k, fix="omit it to sample from every token")
+    positive_int("--per-class", per_class)
+    finite_number("--temperature", temperature, minimum=0.0)
+    finite_number("--guidance", guidance)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"--top-p {top_p}: must be a number in (0, 1] (omit it to sample from every token)")
+    if infill is not None:
+        if prompt or suffix:
+            raise UsageError("use either --infill or --prompt/--suffix, not both")
+        _check_template(infill, gap, gap_length)
+
+
+TEXT_FLAGS = {"--prompt": "prompt", "--suffix": "suffix", "--infill": "infill", "--length": "length", "--top-k": "top_k"}
+IMAGE_FLAGS = {"--label": "label", "--per-class": "per_class", "--strip": "strip"}
+
+
+def sample_destination(run_dir: str | os.PathLike, *, out: str | os.PathLike | None, seed: int = 0,
+                       strip: bool = False, **flags: Any) -> tuple[bool, Path | None]:
+    """(image run?, the file to write) for a ``maskdiff sample`` request, checked before the weights
+    are loaded: flags of the other kind of run, a destination that exists, a missing or read-only
+    folder. ``flags``: the request's text/image flags (prompt, suffix, infill, length, top_k, label,
+    per_class, guidance) as given (None/False/0 when not)."""
+    config = runs.read_run_config(run_dir)
+    image = config.data.corpus.lower() in IMAGE_DATASETS
+    given = {"strip": strip, **flags}
+    wrong = [flag for flag, key in (TEXT_FLAGS if image else IMAGE_FLAGS).items() if given.get(key)]
+    if not image and given.get("guidance"):
+        wrong.append("--guidance")
+    if wrong:
+        kind, other = ("an image", "text") if image else ("a text", "image")
+        raise UsageError(f"{run_dir} is {kind} run ({config.data.corpus}); {', '.join(wrong)} "
+                         f"{'is' if len(wrong) == 1 else 'are'} for {other} runs: drop {'it' if len(wrong) == 1 else 'them'}")
+    if image and given.get("guidance") and given.get("label") is None and not given.get("per_class"):
+        raise UsageError("--guidance weighs a class label: pass --label or --per-class with it")
+    if image and out is None:
+        check_run_writable(run_dir, "sample", "pass --out FILE.png to write the grid elsewhere")
+        out = Path(run_dir) / f"samples-{seed}.png"
+    if out is None:
+        return image, None
+    path = check_output_file(out, "--out")
+    if image and strip:
+        check_output_file(path.with_name(path.stem + "-strip.png"), "--out (its -strip.png)")
+    return image, path
+
+
 def generate_images(run: runs.LoadedRun, *, num: int = 16, steps: int = 256, grid: str = "cosine",
                     labels: Any = None, guidance: float = 0.0, seed: int = 0, precision: str = "float64",
                     temperature: float = 1.0, top_p: float | None = None, record_every: int | None = None,
@@ -141,13 +231,16 @@ def write_image_samples(run: runs.LoadedRun, out: Path, *, num: int = 16, per_cl
     net = run.model.network
     shape = tuple(net.config.image_shape)
     if out.exists():
-        raise ValueError(f"{out} exists; choose another --out (files are never overwritten)")
+        raise UsageError(f"{out} exists; choose another --out (files are never overwritten)")
     labels = None
+    if (per_class or label is not None) and net.num_classes == 0:
+        flag = "--per-class" if per_class else "--label"
+        raise UsageError(f"{flag} needs a class-conditional run (model.class_conditional=true); {run.path} has no classes")
     if per_class:
-        if net.num_classes == 0:
-            raise ValueError("--per-class needs a class-conditional run (model.class_conditional=true)")
         labels = torch.arange(net.num_classes).repeat_interleave(per_class)
     elif label is not None:
+        if not 0 <= label < net.num_classes:
+            raise UsageError(f"--label {label}: must be a class in [0, {net.num_classes})")
         labels = torch.full((num,), label)
     num = len(labels) if labels is not None else num
     record = max(1, steps // 8) if strip else None

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from maskdiff.fileio import atomic_path
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -143,9 +145,14 @@ def image_grid(
 
 
 def _save(img: PILImage.Image, path: str | os.PathLike[str]) -> Path:
+    """Write ``img`` atomically (temporary file, then rename); the format from the suffix (.png
+    recommended: lossless; PNG when the suffix names none)."""
+    from PIL import Image
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    img.save(p)  # format from the suffix (.png recommended: lossless)
+    fmt = Image.registered_extensions().get(p.suffix.lower(), "PNG")
+    with atomic_path(p) as tmp:
+        img.save(tmp, format=fmt)
     return p
 
 

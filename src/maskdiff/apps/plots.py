@@ -92,12 +92,15 @@ def _run_subtitle(config: dict[str, Any], step: int | None = None) -> str:
 
 
 def _eval_files(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Continuous-time evaluations ``eval-<split>.json`` of the run, by split."""
+    """Continuous-time whole-split evaluations of the run by split: ``eval-<split>.json``, else one
+    at another batch size (``eval-<split>-b<B>.json``, e.g. the demo's)."""
     found = {}
     for split in ("train", "validation", "test"):
-        rec = read_json(run_dir / f"eval-{split}.json")
-        if rec and "bits_per_token" in rec and not rec.get("num_steps"):
-            found[split] = rec
+        for path in [run_dir / f"eval-{split}.json", *sorted(run_dir.glob(f"eval-{split}-b*[0-9].json"))]:
+            rec = read_json(path)
+            if isinstance(rec, dict) and "bits_per_token" in rec and not rec.get("num_steps"):
+                found[split] = rec
+                break
     return found
 
 

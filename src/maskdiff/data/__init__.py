@@ -25,6 +25,7 @@ from maskdiff.data.batches import (
 )
 from maskdiff.data.cifar10 import load_cifar10
 from maskdiff.data.corpora import CORPUS_NAMES, load_corpus
+from maskdiff.data.errors import DataError, MissingDependencyError
 from maskdiff.data.hf import HF_PRESETS, load_hf_corpus
 from maskdiff.data.image_splits import ImageSplits, eval_image_batches, random_images, shard_images
 from maskdiff.data.imagenet64 import load_imagenet64
@@ -46,6 +47,9 @@ from maskdiff.data.tokenizers import (
 from maskdiff.data.wiki import WIKI_CHAR_TEST, WIKI_CHAR_TOTAL, load_wiki_char, load_wiki_gpt2
 
 __all__ = [
+    # errors (bad data files or settings: one line naming the file or data.* key and the fix)
+    "DataError",
+    "MissingDependencyError",
     # images
     "IMAGE_DATASETS",
     "ImageSplits",

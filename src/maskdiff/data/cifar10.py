@@ -19,12 +19,14 @@ import pickle
 import re
 import tarfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from maskdiff.data._cache import cached_image_arrays, default_cache_dir
+from maskdiff.data.errors import DataError, UnsafePickleError, one_line
 from maskdiff.data.image_splits import ImageSplits, hold_out_last, to_raster
 
 __all__ = ["load_cifar10", "CIFAR10_URL", "CIFAR10_HF", "CIFAR10_CLASSES"]
@@ -45,7 +47,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     reading it means unpickling. Arbitrary pickles can run code; this unpickler refuses every
     global except the few NumPy reconstructors an ``ndarray`` needs (and ``_codecs.encode``,
     which Python 3 protocol-2 pickles use for bytes), so a tampered file fails with
-    ``UnpicklingError`` instead of executing anything.
+    :class:`~maskdiff.data.errors.UnsafePickleError` (an ``UnpicklingError`` and a ``ValueError``)
+    instead of executing anything.
     """
 
     _ALLOWED = {
@@ -59,29 +62,74 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         target = self._ALLOWED.get((module, name))
         if target is None:
-            raise pickle.UnpicklingError(
-                f"refusing to unpickle global {module}.{name}: a CIFAR-10 batch holds only a "
-                "NumPy uint8 array and lists (is this file really from cifar-10-python.tar.gz?)"
-            )
+            raise UnsafePickleError(f"refusing to unpickle global {module}.{name}")
         return super().find_class(*target)
 
 
+_REFETCH = f"replace it with the file from a fresh copy of {CIFAR10_URL}"
+
+
 def _read_cifar_batch(f: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(data (N, 3072) uint8, labels (N,) int64)`` of one python-version batch; ``what`` names it.
+
+    Raises:
+        UnsafePickleError: the pickle asks for anything but a NumPy array (nothing is executed).
+        DataError: truncated, not a pickle, or not a CIFAR-10 batch.
+    """
     try:
         d = _RestrictedUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError:
-        raise
+    except UnsafePickleError as e:
+        raise UnsafePickleError(
+            f"CIFAR-10 batch {what} is not a CIFAR-10 pickle ({e}; it may run code, so it was not "
+            f"loaded): {_REFETCH}"
+        ) from None
     except Exception as e:  # truncated or not a pickle at all
-        raise ValueError(f"cannot read CIFAR-10 batch {what}: {e}") from e
+        raise DataError(
+            f"CIFAR-10 batch {what} is truncated or not a pickle ({type(e).__name__}: {one_line(e)}): {_REFETCH}"
+        ) from e
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
-        raise ValueError(f"CIFAR-10 batch {what} is not a dict with b'data' and b'labels'")
+        raise DataError(f"CIFAR-10 batch {what} is not a dict with b'data' and b'labels': {_REFETCH}")
     data = np.asarray(d[b"data"])
-    labels = np.asarray(d[b"labels"], dtype=np.int64)
+    try:
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"CIFAR-10 batch {what}: b'labels' is not a list of ints ({one_line(e)}): {_REFETCH}") from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"CIFAR-10 batch {what}: b'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+        raise DataError(
+            f"CIFAR-10 batch {what}: b'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072): {_REFETCH}"
+        )
     if labels.shape != (data.shape[0],) or (labels.size and not 0 <= labels.min() <= labels.max() < 10):
-        raise ValueError(f"CIFAR-10 batch {what}: labels do not match the data or lie outside 0..9")
+        raise DataError(f"CIFAR-10 batch {what}: labels do not match the data or lie outside 0..9: {_REFETCH}")
     return data, labels
+
+
+def _read_python_batches(kind: str, src: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every batch of the python version, from the folder (``kind="pickle"``) or the tarball."""
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if kind == "pickle":
+        for b in _CIFAR_BATCHES:
+            try:
+                with open(src / b, "rb") as f:
+                    parts[b] = _read_cifar_batch(f, str(src / b))
+            except (PermissionError, IsADirectoryError) as e:
+                raise DataError(f"CIFAR-10 batch {src / b} cannot be read ({e.strerror})") from e
+        return parts
+    try:
+        with tarfile.open(src) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            missing = [b for b in _CIFAR_BATCHES if b not in members]
+            if missing:
+                raise FileNotFoundError(_cifar_layout_help(f"{src} lacks {missing}"))
+            for b in _CIFAR_BATCHES:
+                f = tar.extractfile(members[b])
+                assert f is not None
+                parts[b] = _read_cifar_batch(f, f"{src}:{b}")
+    except (tarfile.TarError, EOFError, zlib.error, PermissionError) as e:
+        raise DataError(
+            f"{src} is not a readable tar archive ({type(e).__name__}: {one_line(e)}); the download may be "
+            f"truncated: fetch {CIFAR10_URL} again"
+        ) from e
+    return parts
 
 
 _CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
@@ -148,31 +196,18 @@ def load_cifar10(
         tr_x, tr_y, te_x, te_y = arrays["train"], arrays["train_labels"], arrays["test"], arrays["test_labels"]
         meta = {"cache": meta.get("cache_dir")}
     else:
-        parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if kind == "pickle":
-            for b in _CIFAR_BATCHES:
-                with open(src / b, "rb") as f:
-                    parts[b] = _read_cifar_batch(f, str(src / b))
-        else:
-            with tarfile.open(src) as tar:
-                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                missing = [b for b in _CIFAR_BATCHES if b not in members]
-                if missing:
-                    raise FileNotFoundError(_cifar_layout_help(f"{src} lacks {missing}"))
-                for b in _CIFAR_BATCHES:
-                    f = tar.extractfile(members[b])
-                    assert f is not None
-                    parts[b] = _read_cifar_batch(f, f"{src}:{b}")
+        parts = _read_python_batches(kind, src)
         tr_x = to_raster(np.concatenate([parts[b][0] for b in _CIFAR_BATCHES[:5]]), (32, 32, 3))
         tr_y = np.concatenate([parts[b][1] for b in _CIFAR_BATCHES[:5]])
         te_x = to_raster(parts["test_batch"][0], (32, 32, 3))
         te_y = parts["test_batch"][1]
         meta = {}
-    train, val, train_l, val_l = hold_out_last(tr_x, tr_y, val_size, "CIFAR-10")
+    train, val, train_l, val_l = hold_out_last(tr_x, tr_y, val_size, f"CIFAR-10 at {src}")
     meta.update(
         source=str(src),
         format=kind,
         split=f"validation = last {val_size} training images; test = test batch",
+        val_size=val_size,
         seconds=time.perf_counter() - t0,
     )
     return ImageSplits(
@@ -218,18 +253,21 @@ def _decode_png_column(table: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     img_col = next((c for c in ("img", "image") if c in cols), None)
     lab_col = next((c for c in ("label", "labels") if c in cols), None)
     if img_col is None or lab_col is None:
-        raise ValueError(f"{what}: expected columns 'img' (or 'image') and 'label', found {cols}")
+        raise DataError(f"{what}: expected columns 'img' (or 'image') and 'label', found {cols}")
     imgs = table.column(img_col).to_pylist()
     labels = np.asarray(table.column(lab_col).to_pylist(), dtype=np.int64)
     out = np.empty((len(imgs), 3072), dtype=np.uint8)
     for i, cell in enumerate(imgs):
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if data is None:
-            raise ValueError(f"{what}: row {i} has no image bytes (only a path?)")
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            raise DataError(f"{what}: row {i} has no image bytes (only a path?)")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for undecodable images
+            raise DataError(f"{what}: row {i} is not a readable image ({type(e).__name__}: {one_line(e)})") from e
         if arr.shape != (32, 32, 3):
-            raise ValueError(f"{what}: row {i} is {arr.shape}, expected a 32x32 RGB image")
+            raise DataError(f"{what}: row {i} is {arr.shape}, expected a 32x32 RGB image")
         out[i] = arr.reshape(-1)  # PIL gives (row, column, channel): already raster order
     return out, labels
 
@@ -240,10 +278,19 @@ def _build_cifar_parquet(src: Path, out_dir: Path) -> dict[str, Any]:
 
     files = _parquet_files(src)
     for split in ("train", "test"):
-        tables = [pq.read_table(f) for f in files[split]]
-        x, y = _decode_png_column(pa.concat_tables(tables), f"{CIFAR10_HF} {split}")
+        tables = []
+        for f in files[split]:
+            try:
+                tables.append(pq.read_table(f))
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(
+                    f"{f} is not a readable Parquet file ({type(e).__name__}: {one_line(e)}): replace it with "
+                    f"the file from the Hugging Face dataset {CIFAR10_HF}"
+                ) from e
+        what = f"{CIFAR10_HF} {split} ({', '.join(str(f) for f in files[split])})"
+        x, y = _decode_png_column(pa.concat_tables(tables), what)
         if y.size and not 0 <= y.min() <= y.max() < 10:
-            raise ValueError(f"{CIFAR10_HF} {split}: labels outside 0..9")
+            raise DataError(f"{what}: labels outside 0..9")
         np.save(out_dir / f"{split}.npy", x, allow_pickle=False)
         np.save(out_dir / f"{split}_labels.npy", y, allow_pickle=False)
     return {"files": {k: [str(f) for f in v] for k, v in files.items()}}

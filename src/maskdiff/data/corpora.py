@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from maskdiff.data.errors import DataError
 from maskdiff.data.hf import HF_PRESETS, load_hf_corpus
 from maskdiff.data.splits import TokenSplits
 from maskdiff.data.text8 import load_text8
@@ -72,6 +73,9 @@ def load_corpus(
     if name == "hf" or name.startswith("hf:"):
         source = name[3:] or None
         if source is None and path is None:
-            raise ValueError("load_corpus('hf') needs path=<local file, glob or directory>")
+            raise DataError(
+                "data.corpus='hf' reads local files: set data.path=<file, glob or directory> "
+                "(load_corpus('hf') needs path=...)"
+            )
         return load_hf_corpus(source, path=path, cache_dir=cache_dir, **kw)
     raise ValueError(f"unknown corpus {name!r}; expected one of {', '.join(CORPUS_NAMES)}")

@@ -31,19 +31,27 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from maskdiff.data._cache import default_cache_dir, hash_key
+from maskdiff.data.errors import (
+    DataError,
+    MissingColumnError,
+    MissingDependencyError,
+    one_line,
+    quiet_library_errors,
+)
 from maskdiff.data.packing import open_packed_memmap, write_packed_memmap
 from maskdiff.data.splits import TokenSplits, check_fractions, split_by_fraction
 from maskdiff.data.tokenizers import GPT2_RANKS_SHA256, GPT2Tokenizer
 
 
 def import_datasets() -> Any:
-    """The Hugging Face ``datasets`` module, or an ImportError that says how to install it."""
+    """The Hugging Face ``datasets`` module, or a :class:`~maskdiff.data.errors.MissingDependencyError`
+    (an ``ImportError`` and a ``RuntimeError``) that says how to install it."""
     try:
         import datasets
     except ImportError:
-        raise ImportError(
-            "this needs the Hugging Face `datasets` package: pip install 'maskdiff[hf]' "
-            "(or pip install datasets==5.2.0)"
+        raise MissingDependencyError(
+            "Hugging Face corpora (hf:..., openwebtext, fineweb) need the `datasets` package, which "
+            "is not installed: pip install 'maskdiff[hf]' (or pip install datasets==5.2.0)"
         ) from None
     return datasets
 
@@ -123,6 +131,13 @@ def resolve_local_files(path: PathLike) -> list[Path]:
     return files
 
 
+def _check_not_empty(files: list[Path], path: PathLike) -> None:
+    """One line naming the file when every data file at ``path`` is empty (0 bytes)."""
+    if all(f.stat().st_size == 0 for f in files):
+        which = str(files[0]) if len(files) == 1 else f"all {len(files)} files at {str(path)!r}"
+        raise DataError(f"{which} is empty (0 bytes): data.path must name files holding documents")
+
+
 def _fingerprint_files(files: list[Path]) -> list[list[Any]]:
     out = []
     for f in files:
@@ -164,12 +179,13 @@ def _open_dataset(
                 ds = datasets.load_from_disk(str(local))
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
-                        raise ValueError(f"{local} has splits {list(ds)}; no split {split!r}")
+                        raise DataError(f"{local} has splits {list(ds)}, no split {split!r}: pass split=<one of them>")
                     ds = ds[split]
                 return ds
 
             return open_saved, fp
         files = resolve_local_files(local)
+        _check_not_empty(files, path)
         fp = {"kind": "local", "files": _fingerprint_files(files), "config": config}
         dir_kinds = {_builder_for(str(f)) for f in files} - {None} if local.is_dir() else set()
         if dir_kinds == {"text"} and source is None:
@@ -213,9 +229,8 @@ def _open_dataset(
         datasets = import_datasets()
 
         try:
-            return datasets.load_dataset(
-                *args, streaming=streaming, cache_dir=str(hf_cache_dir), **kw
-            )
+            with quiet_library_errors("datasets"):  # the error below says it in one line
+                return datasets.load_dataset(*args, streaming=streaming, cache_dir=str(hf_cache_dir), **kw)
         except Exception as e:
             where = f"local files {str(path)!r}" if path is not None else f"Hub dataset {source!r}"
             hint = (
@@ -225,7 +240,7 @@ def _open_dataset(
                 else "Check the files' format and that they have the text column."
             )
             raise RuntimeError(
-                f"datasets.load_dataset failed for {where} ({type(e).__name__}: {e}). {hint}"
+                f"datasets.load_dataset failed for {where} ({type(e).__name__}: {one_line(e)}). {hint}"
             ) from e
 
     return open_builder, fp
@@ -262,10 +277,50 @@ def _document_batches(
 
 def _check_column(columns: list[str], text_column: str) -> None:
     if text_column not in columns:
-        raise KeyError(
-            f"column {text_column!r} not found; the dataset has columns {sorted(columns)}. "
-            "Pass text_column=<name>."
+        raise MissingColumnError(
+            f"no column {text_column!r}; the dataset has columns {sorted(columns)}: name the text "
+            f"column {text_column!r} in the files, or pass text_column=<name> to load_corpus"
         )
+
+
+def _build_packed(
+    opener: Callable[[], Any],
+    where: str,
+    cache_file: Path,
+    tok: GPT2Tokenizer,
+    *,
+    name: str,
+    text_column: str,
+    batch_docs: int,
+    max_documents: int | None,
+    progress: bool,
+    key_desc: dict[str, Any],
+) -> None:
+    """Tokenise the documents of ``opener()`` into the packed cache file ``cache_file``.
+
+    A failure while reading the documents (bad JSON, a missing column, a broken Parquet file) is
+    one line naming ``where``; ``datasets``' own log line of it is dropped.
+    """
+    ds = opener()  # imports datasets, which sets up its log handler
+    with quiet_library_errors("datasets"):
+        total = len(ds) if hasattr(ds, "__len__") else None
+        if max_documents is not None:
+            total = max_documents if total is None else min(total, max_documents)
+        # disable=None: no bar when stderr is not a terminal (a log file, a test)
+        with tqdm(total=total, desc=f"{name}: tokenising", unit="doc", disable=None if progress else True) as bar:
+            batches = _document_batches(ds, text_column, batch_docs, max_documents, tok, bar)
+            try:
+                write_packed_memmap(batches, cache_file, tok.eot_id, dtype=np.uint16, metadata={"key": key_desc})
+            except MissingColumnError as e:
+                raise MissingColumnError(f"{where}: {e}") from e
+            except Exception as e:
+                if isinstance(e, (DataError, RuntimeError, ImportError, OSError)):
+                    raise
+                raise DataError(
+                    f"{where}: reading the documents failed ({type(e).__name__}: {one_line(e)}); check "
+                    f"the files' format (one of {sorted(_BUILDERS)}, a JSON object per line for .jsonl) "
+                    f"and that they have a {text_column!r} column"
+                ) from e
 
 
 def load_hf_corpus(
@@ -346,24 +401,18 @@ def load_hf_corpus(
     t0 = time.perf_counter()
     opened = None if rebuild else open_packed_memmap(cache_file)
     from_cache = opened is not None
+    where = f"local files {str(path)!r}" if path is not None else f"Hub dataset {source!r}"
     if opened is None:
-        ds = opener()
-        total = len(ds) if hasattr(ds, "__len__") else None
-        if max_documents is not None:
-            total = max_documents if total is None else min(total, max_documents)
-        with tqdm(total=total, desc=f"{name}: tokenising", unit="doc", disable=not progress) as bar:
-            batches = _document_batches(ds, text_column, batch_docs, max_documents, tok, bar)
-            write_packed_memmap(
-                batches, cache_file, tok.eot_id, dtype=np.uint16, metadata={"key": key_desc}
-            )
+        _build_packed(opener, where, cache_file, tok, name=name, text_column=text_column, batch_docs=batch_docs,
+                      max_documents=max_documents, progress=progress, key_desc=key_desc)
         opened = open_packed_memmap(cache_file)
         if opened is None:  # pragma: no cover - the write above is atomic
             raise RuntimeError(f"cache entry {cache_file} unreadable right after writing it")
     tokens, meta = opened
     if tokens.shape[0] == 0:
-        raise ValueError(
-            f"{name}: no text found (0 tokens from {meta.get('n_documents', 0)} documents); "
-            f"check path/source and text_column={text_column!r}"
+        raise DataError(
+            f"{name}: no text found in {where} (0 tokens from {meta.get('n_documents', 0)} documents); "
+            f"check data.path and that the {text_column!r} column holds text"
         )
     a, b = split_by_fraction(tokens, val_fraction, test_fraction, boundary_token=tok.eot_id)
     info = {
@@ -374,5 +423,6 @@ def load_hf_corpus(
         "split_rule": f"last {test_fraction} of tokens = test, {val_fraction} before = validation, "
         "split points moved forward to the next end-of-text",
         "source": fp,
+        "location": str(path) if path is not None else source,
     }
     return TokenSplits(name, tok.vocab_size, tok, tokens[:a], tokens[a:b], tokens[b:], info)

@@ -10,7 +10,8 @@ offsets), images are fixed-size examples: :class:`ImageSplits` holds one ``uint8
 shape ``(N, L)`` per split (possibly a read-only ``np.memmap``) and optional ``int64`` labels.
 
 Here: the container :class:`ImageSplits` (with the data interface it shares with
-``TokenSplits``: ``image_shape``, ``num_classes``, ``shard_for``, ``draw``, ``meta``), the
+``TokenSplits``: ``image_shape``, ``num_classes``, ``shard_for``, ``draw``, ``meta``,
+``check_eval_splits``), the
 layout and split rules (:func:`to_raster`, :func:`stratified_split`, :func:`hold_out_last`)
 and batching (:func:`random_images`, :func:`eval_image_batches`, :func:`shard_images`). The
 loaders are in :mod:`~maskdiff.data.mnist`, :mod:`~maskdiff.data.cifar10` and
@@ -20,7 +21,7 @@ loaders are in :mod:`~maskdiff.data.mnist`, :mod:`~maskdiff.data.cifar10` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 
 from maskdiff.data.baselines import histogram_bits_per_dim
+from maskdiff.data.errors import DataError
 from maskdiff.data.splits import SPLIT_NAMES as _SPLITS
+from maskdiff.data.splits import describe_source
 
 __all__ = [
     "ImageSplits",
@@ -145,6 +148,27 @@ class ImageSplits:
         """What a run's ``meta.json`` records beyond :meth:`sizes`: ``{"image_shape": [H, W, C], "num_classes": n}``."""
         return {"image_shape": list(self.shape), "num_classes": self.num_classes}
 
+    def check_eval_splits(self, seq_len: int, splits: Sequence[str] = ("validation", "test")) -> None:
+        """Check, before any work, that ``seq_len`` is H·W·C and each of ``splits`` holds an image.
+
+        The image counterpart of ``TokenSplits.check_eval_splits`` (same call, same error type).
+
+        Raises:
+            DataError: one line naming the data set and its source, the split (or ``data.seq_len``)
+                and the fix.
+        """
+        where = describe_source(self.name, self.metadata)
+        if seq_len != self.seq_len:
+            raise DataError(
+                f"{where}: images have {self.seq_len} values (H·W·C = {self.shape}), not data.seq_len={seq_len}: "
+                f"set data.seq_len={self.seq_len}"
+            )
+        for s in splits:
+            if len(self.split(s)) == 0:
+                held_out = s == "validation" and "val_size" in self.metadata
+                fix = "set data.val_size to at least 1" if held_out else "check data.path: its files hold none"
+                raise DataError(f"{where}: the {s} split holds 0 images, nothing to evaluate: {fix}")
+
     def num_eval_sequences(self, split: str, seq_len: int) -> int:
         """How many sequences an evaluation of ``split`` scores: its images."""
         return len(self.split(split))
@@ -249,10 +273,21 @@ def stratified_split(
 def hold_out_last(
     x: np.ndarray, y: np.ndarray, val_size: int, what: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Hold out the last ``val_size`` rows of ``(x, y)``: ``(x_train, x_val, y_train, y_val)`` (views)."""
-    if not isinstance(val_size, int) or not 0 <= val_size < x.shape[0]:
-        raise ValueError(f"val_size must be an int in [0, {x.shape[0]}) for {what}, got {val_size!r}")
-    a = x.shape[0] - val_size
+    """Hold out the last ``val_size`` rows of ``(x, y)``: ``(x_train, x_val, y_train, y_val)`` (views).
+
+    Raises:
+        DataError: ``val_size`` is not an int in ``[0, N)``; the message names ``data.val_size``.
+    """
+    n = int(x.shape[0])
+    if not isinstance(val_size, (int, np.integer)) or isinstance(val_size, bool) or val_size < 0:
+        raise DataError(f"data.val_size must be a whole number of images >= 0 for {what}, got {val_size!r}")
+    if val_size >= n:
+        fix = f"set data.val_size to a number in 1..{n - 1}" if n > 1 else "use a larger training set"
+        raise DataError(
+            f"{what} has {n} training images, too few to hold out the last {val_size} for validation: {fix} "
+            "(how many of the last training images to hold out for validation)"
+        )
+    a = n - int(val_size)
     return x[:a], x[a:], y[:a], y[a:]
 
 

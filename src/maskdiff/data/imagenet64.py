@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import re
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from maskdiff.data._cache import cached_image_arrays, default_cache_dir
+from maskdiff.data.errors import DataError, one_line
 from maskdiff.data.image_splits import ImageSplits, hold_out_last, to_raster
 
 __all__ = ["load_imagenet64", "IMAGENET64_URL"]
@@ -27,6 +30,7 @@ __all__ = ["load_imagenet64", "IMAGENET64_URL"]
 PathLike = str | os.PathLike[str]
 
 IMAGENET64_URL = "https://image-net.org/download-images.php"
+_REFETCH = f"replace it with the file from a fresh download ({IMAGENET64_URL})"
 
 
 def _imagenet_help(looked: str) -> str:
@@ -56,8 +60,21 @@ def _find_imagenet64(path: PathLike | None, cache_dir: PathLike | None) -> dict[
             _imagenet_help(f"{root} has {len(train)} train_data_batch_*.npz and {len(val)} val_data.npz")
         )
     if len(val) > 1:
-        raise ValueError(f"several val_data.npz under {root}: {[str(v) for v in val]}")
+        raise DataError(f"several val_data.npz under {root}: {[str(v) for v in val]}; keep one")
     return {"train": [train[k] for k in sorted(train)], "test": val}
+
+
+def _read_npz(f: Path, key: str) -> np.ndarray:
+    """Member ``key`` of the npz batch ``f``; a truncated or foreign file is one line naming it."""
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            if key not in z.files:
+                raise DataError(f"{f} has no {key!r} array (it has {z.files}): {_REFETCH}")
+            return np.asarray(z[key])
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{f} is truncated or not an npz batch ({type(e).__name__}: {one_line(e)}): {_REFETCH}") from e
 
 
 def _build_imagenet64(files: dict[str, list[Path]], out_dir: Path, chunk: int = 8192) -> dict[str, Any]:
@@ -65,19 +82,17 @@ def _build_imagenet64(files: dict[str, list[Path]], out_dir: Path, chunk: int = 
     for split, fs in files.items():
         counts = []
         for f in fs:  # pass 1: sizes (reads only the small 'labels' member)
-            with np.load(f, allow_pickle=False) as z:
-                counts.append(int(np.asarray(z["labels"]).shape[0]))
+            counts.append(int(_read_npz(f, "labels").reshape(-1).shape[0]))
         n = sum(counts)
         x = np.lib.format.open_memmap(out_dir / f"{split}.npy", mode="w+", dtype=np.uint8, shape=(n, 12288))
         y = np.empty(n, dtype=np.int64)
         pos = 0
         for f, cnt in zip(fs, counts, strict=True):
-            with np.load(f, allow_pickle=False) as z:
-                data, lab = z["data"], np.asarray(z["labels"]).astype(np.int64).reshape(-1)
+            data, lab = _read_npz(f, "data"), _read_npz(f, "labels").astype(np.int64).reshape(-1)
             if data.dtype != np.uint8 or data.shape != (cnt, 12288):
-                raise ValueError(f"{f}: 'data' is {data.dtype} {data.shape}, expected uint8 ({cnt}, 12288)")
+                raise DataError(f"{f}: 'data' is {data.dtype} {data.shape}, expected uint8 ({cnt}, 12288): {_REFETCH}")
             if cnt and not 1 <= lab.min() <= lab.max() <= 1000:
-                raise ValueError(f"{f}: labels outside 1..1000 (expected 1-based ImageNet classes)")
+                raise DataError(f"{f}: labels outside 1..1000 (expected 1-based ImageNet classes): {_REFETCH}")
             for i in range(0, cnt, chunk):
                 x[pos + i : pos + min(i + chunk, cnt)] = to_raster(data[i : i + chunk], (64, 64, 3))
             y[pos : pos + cnt] = lab - 1
@@ -108,7 +123,7 @@ def load_imagenet64(
     files = _find_imagenet64(path, cache_dir)
     arrays, meta = cached_image_arrays("imagenet64", files, cache_dir, lambda d: _build_imagenet64(files, d))
     train, val, train_l, val_l = hold_out_last(
-        arrays["train"], arrays["train_labels"], val_size, "ImageNet 64x64"
+        arrays["train"], arrays["train_labels"], val_size, f"ImageNet 64x64 at {Path(files['train'][0]).parent}"
     )
     return ImageSplits(
         name="imagenet64",
@@ -125,6 +140,7 @@ def load_imagenet64(
             "source": str(Path(files["train"][0]).parent),
             "cache": meta.get("cache_dir"),
             "split": f"validation = last {val_size} training images; test = val_data.npz",
+            "val_size": val_size,
             "validation_classes": int(np.unique(val_l).size),
             "seconds": time.perf_counter() - t0,
         },

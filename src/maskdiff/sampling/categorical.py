@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DRAW_CHUNK_ELEMENTS",
     "FLOAT32_GUMBEL_MAX",
     "Precision",
     "transform_logits",
@@ -25,6 +26,39 @@ __all__ = [
 FLOAT32_GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-24)))
 
 Precision = Literal["float64", "float32"]
+
+#: Rows × outcomes per chunk of a reverse step's draws (2**24: 64 MiB in float32, 128 MiB in
+#: float64), so that a step never holds (N, V) buffers for all N masked positions at once. Read at
+#: each call; a step with N · V below it runs in one chunk (bench/bench_memory.py sets it huge to
+#: measure the unchunked path).
+DRAW_CHUNK_ELEMENTS = 2**24
+
+
+def _row_chunks(n: int, width: int) -> list[slice]:
+    """Slices of ``range(n)`` with about :data:`DRAW_CHUNK_ELEMENTS` // ``width`` rows each."""
+    size = max(1, DRAW_CHUNK_ELEMENTS // max(1, width))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _check_logit_rows(logits: Tensor) -> None:
+    """Raise ValueError if rows (N, V) of denoiser logits hold NaN or +inf or are -inf everywhere.
+
+    No token could be drawn from such a row (softmax gives NaN); without this check the draw
+    would silently return the last token, V - 1.
+    """
+    if logits.numel() == 0 or bool(torch.isfinite(logits).all()):
+        return
+    problems = {
+        "hold NaN": int(torch.isnan(logits).any(-1).sum()),
+        "hold +inf": int(torch.isposinf(logits).any(-1).sum()),
+        "are -inf for every token": int((logits == -math.inf).all(-1).sum()),
+    }
+    found = [f"{what} at {count} masked position(s)" for what, count in problems.items() if count]
+    if found:
+        raise ValueError(
+            f"the denoiser's logits {' and '.join(found)}: no token can be drawn there "
+            "(check the network's output, e.g. for a diverged model)"
+        )
 
 
 def _check_precision(precision: str) -> None:

@@ -180,6 +180,39 @@ class _DenoiserCalls:
             raise ValueError("denoiser returned NaN/+inf logits or a row with every logit -inf")
 
 
+#: Largest block of a per-token schedule's α table, in elements (2**20 float64: 8 MiB): α over
+#: the vocabulary is computed for this many // V grid times at a time, never for the whole grid.
+ALPHA_BLOCK_ELEMENTS = 2**20
+#: True evaluates a per-token schedule's α for the whole grid at once, a (T + 1, V) float64 table,
+#: as 0.1 did (bench/bench_memory.py sets it to measure that path).
+PER_TOKEN_ALPHA_TABLE = False
+
+
+class _GridAlphas:
+    """α over the vocabulary at the grid times, in float64: ``alphas[i]`` is (1, 1) or (1, V).
+
+    A scalar schedule's α is one (T + 1, 1) table. A per-token schedule's is computed in blocks of
+    :data:`ALPHA_BLOCK_ELEMENTS` // V grid times when first asked for, and only the last two
+    blocks are kept (a step uses α at t_i and t_{i+1}), so the sampler never holds a (T + 1, V)
+    table (400 MB at T = 1,000 and GPT-2's V). A grid that fits one block is one table, as before.
+    """
+
+    def __init__(self, schedule: Schedule, times: Tensor, vocab_size: int) -> None:
+        self.schedule, self.times, self.vocab_size = schedule, times, vocab_size
+        per_token = bool(getattr(schedule, "per_token", False)) and not PER_TOKEN_ALPHA_TABLE
+        self.rows = max(2, ALPHA_BLOCK_ELEMENTS // vocab_size) if per_token else len(times)
+        self.blocks: dict[int, Tensor] = {}
+
+    def __getitem__(self, i: int) -> Tensor:
+        k = i // self.rows
+        if k not in self.blocks:
+            self.blocks = {j: block for j, block in self.blocks.items() if j == k - 1}
+            times = self.times[k * self.rows : (k + 1) * self.rows]
+            self.blocks[k] = vocab_alpha(self.schedule, times, self.vocab_size, dtype=torch.float64)
+        j = i - k * self.rows
+        return self.blocks[k][j : j + 1]
+
+
 def _owner(denoiser: Any) -> Any:
     """The denoiser itself, or the object a bound method belongs to (e.g. ``model.denoiser``)."""
     return denoiser if isinstance(denoiser, nn.Module) else getattr(denoiser, "__self__", None)
@@ -367,7 +400,6 @@ def sample(
         return_info=return_info, record_every=record_every,
     )
     times = (time_grid(num_steps, grid) if isinstance(grid, str) else _check_grid(grid, num_steps)).to(dev)
-    dtype = torch.float64 if precision == "float64" else torch.float32
     sched = _prepare_schedule(schedule, torch.float64, dev)
     b, l, v = batch_size, length, vocab_size
     fix = _prepare_fixed(fixed, b, l, v, dev)
@@ -391,14 +423,13 @@ def sample(
 
         steps = tqdm(steps, desc="sampling", unit="step")
     with torch.no_grad():
-        # α at every grid time, evaluated once: (T + 1, 1) or (T + 1, V), float64.
-        alphas = vocab_alpha(sched, times, v, dtype=torch.float64)
+        alphas = _GridAlphas(sched, times, v)
         for i in steps:
             requests = denoise.requests
             source: LogitsSource = (lambda z_=z, t_=times[i]: denoise(z_, t_))
             if not lazy_logits:
                 source = source()
-            z_new = step_fn(z, source, alphas[i : i + 1].to(dtype), alphas[i + 1 : i + 2].to(dtype), **draw)
+            z_new = step_fn(z, source, alphas[i], alphas[i + 1], **draw)  # α in float64 for either precision
             if denoise.requests == requests:
                 info.lazy_skips += 1
             denoise.changed(z, z_new)

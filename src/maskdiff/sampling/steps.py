@@ -16,10 +16,12 @@ from torch import Tensor
 
 from maskdiff.sampling.categorical import (
     Precision,
+    _check_logit_rows,
     _check_precision,
     _check_transform_args,
     _inverse_cdf,
     _mu64,
+    _row_chunks,
     _softmax,
     gumbel_max_float32,
     transform_logits,
@@ -186,6 +188,30 @@ def _step_setup(
     return b, l, int(vocab_size)
 
 
+def _step_rate(alpha_t: Tensor | float, alpha_s: Tensor | float, batch: int, vocab_size: int, device: torch.device) -> Tensor:
+    """r = (α_s - α_t) / (1 - α_t), formed in float64 whatever the draw's precision: (B, 1) or (B, V).
+
+    In float32, α close to 1 (or to ε) loses the digits that the difference α_s - α_t needs
+    (several percent of r at the last steps of a 1,000-step grid; docs/math.md, "Numerics").
+    """
+    a_t = _rowwise_alpha(alpha_t, batch, vocab_size, torch.float64, device)
+    a_s = _rowwise_alpha(alpha_s, batch, vocab_size, torch.float64, device)
+    if bool((a_s < a_t - 1e-6).any()):
+        raise ValueError("alpha_s < alpha_t: the step must go backwards in time (s < t, so α_s ≥ α_t)")
+    return unmask_probability(a_t, a_s)
+
+
+def _float32_ancestral_draw(logits: Tensor, rate: Tensor, generator: torch.Generator | None, transform: dict) -> Tensor:
+    """The reference draw for rows (c, V) of logits with float64 rates (c, 1) or (c, V): probs =
+    [μ r, 1 - Σ μ r] in float32, Categorical(probs) by float32 Gumbel-max; returns (c,) in [0, V]."""
+    _check_logit_rows(logits)
+    mu = _softmax(transform_logits(logits.to(torch.float32), **transform))
+    p_vocab = mu * rate.to(torch.float32)
+    p_mask = (1.0 - rate).to(torch.float32) if rate.shape[-1] == 1 else (1.0 - p_vocab.sum(-1, keepdim=True))
+    probs = torch.cat([p_vocab, p_mask.clamp_min(0.0)], dim=-1)
+    return gumbel_max_float32(torch.log(probs), generator)
+
+
 def ancestral_step(
     z: Tensor,
     logits: LogitsSource,
@@ -206,7 +232,8 @@ def ancestral_step(
         logits: denoiser output (B, L, V) at (z, t), or a zero-argument callable returning it;
             a callable is only invoked when the step needs μ (lazy evaluation).
         alpha_t, alpha_s: α at t and s: (B, 1) / (B,) / scalar for a scalar schedule, or
-            (B or 1, V) per token (see :func:`vocab_alpha`).
+            (B or 1, V) per token (see :func:`vocab_alpha`). Pass them in float64: the step
+            forms r from them in float64 for either precision.
         precision: ``"float64"`` exact two-stage draw; ``"float32"`` the reference one-shot
             float32 Gumbel-max draw over the V + 1 outcomes.
         temperature, top_k, top_p: applied to the logits before μ = softmax (see
@@ -214,7 +241,9 @@ def ancestral_step(
         vocab_size: V; required only when ``logits`` is a callable.
 
     Each masked position becomes token j with probability μ_j r_j, r_j = (α_{s,j} - α_{t,j}) /
-    (1 - α_{t,j}), and stays masked otherwise; unmasked positions are copied.
+    (1 - α_{t,j}), and stays masked otherwise; unmasked positions are copied. Raises ValueError
+    if the logits of a masked position that the step uses are NaN, +inf, or -inf for every token.
+    The masked positions are processed in chunks of :data:`DRAW_CHUNK_ELEMENTS` // V rows.
 
     Random numbers (float64): two uniforms per masked position, drawn before μ is needed, so
     the stream consumed does not depend on whether or when the denoiser is evaluated.
@@ -222,12 +251,8 @@ def ancestral_step(
     _check_precision(precision)
     _check_transform_args(temperature, top_k, top_p)
     b, l, v = _step_setup(z, logits, vocab_size)
-    dtype = torch.float64 if precision == "float64" else torch.float32
-    a_t = _rowwise_alpha(alpha_t, b, v, dtype, z.device)
-    a_s = _rowwise_alpha(alpha_s, b, v, dtype, z.device)
-    if bool((a_s < a_t - 1e-6).any()):
-        raise ValueError("alpha_s < alpha_t: the step must go backwards in time (s < t, so α_s ≥ α_t)")
-    rate = unmask_probability(a_t, a_s)  # (B, 1) or (B, V)
+    rate = _step_rate(alpha_t, alpha_s, b, v, z.device)  # (B, 1) or (B, V), float64
+    transform = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     out = z.clone()
     masked = z == v
     if not bool(masked.any()):
@@ -236,15 +261,9 @@ def ancestral_step(
     n = bi.numel()
 
     if precision == "float32":
-        # Reference: probs = [μ r, 1 - Σ μ r] in float32, Categorical(probs) by Gumbel-max.
         lg = _resolve_logits(logits, b, l, v)
-        x = transform_logits(lg[bi, li].to(torch.float32), temperature=temperature, top_k=top_k, top_p=top_p)
-        mu = _softmax(x)
-        r = rate[bi]
-        p_vocab = mu * r
-        p_mask = (1.0 - r) if r.shape[-1] == 1 else (1.0 - p_vocab.sum(-1, keepdim=True))
-        probs = torch.cat([p_vocab, p_mask.clamp_min(0.0)], dim=-1)
-        out[bi, li] = gumbel_max_float32(torch.log(probs), generator)
+        for part in _row_chunks(n, v + 1):
+            out[bi[part], li[part]] = _float32_ancestral_draw(lg[bi[part], li[part]], rate[bi[part]], generator, transform)
         return out
 
     u_unmask = torch.rand(n, generator=generator, device=z.device, dtype=torch.float64)
@@ -254,22 +273,42 @@ def ancestral_step(
     if not bool(cand.any()):
         return out
     lg = _resolve_logits(logits, b, l, v)
-    ci = cand.nonzero(as_tuple=True)[0]
+    candidates = cand.nonzero(as_tuple=True)[0]
+    for part in _row_chunks(candidates.numel(), v):
+        ci = candidates[part]
+        rows, tokens = _float64_ancestral_draw(lg[bi[ci], li[ci]], rate[bi[ci]], ci, u_unmask, u_token, transform)
+        out[bi[rows], li[rows]] = tokens
+    return out
+
+
+def _float64_ancestral_draw(
+    logits: Tensor, rate: Tensor, ci: Tensor, u_unmask: Tensor, u_token: Tensor, transform: dict
+) -> tuple[Tensor, Tensor]:
+    """The exact draw for the candidates ``ci`` (c,) with logits (c, V) and float64 rates (c, 1) or
+    (c, V): the indices (into the masked positions) that unmask, and their tokens."""
+    _check_logit_rows(logits)
     if rate.shape[-1] == 1:
         # Scalar schedule: P_u = r exactly, and the token given unmasking is distributed as μ.
         rows = ci
-        weights = _mu64(lg[bi[rows], li[rows]], temperature, top_k, top_p)
+        weights = _mu64(logits, **transform)
     else:
         # Only the candidates need μ: (Nc, V) with Nc ≈ N · max_j r_j.
-        x = _mu64(lg[bi[ci], li[ci]], temperature, top_k, top_p) * rate[bi[ci]]  # μ_j r_j
-        p_u = x.sum(-1).clamp(0.0, 1.0)
-        keep = u_unmask[ci] < p_u
+        x = _mu64(logits, **transform) * rate  # μ_j r_j
+        keep = u_unmask[ci] < x.sum(-1).clamp(0.0, 1.0)  # unmask with P_u = Σ_j μ_j r_j
         rows = ci[keep]
         weights = x[keep]
-    if rows.numel():
-        tok = _inverse_cdf(weights, u_token[rows, None])[:, 0]
-        out[bi[rows], li[rows]] = tok
-    return out
+    if not rows.numel():
+        return rows, rows
+    return rows, _inverse_cdf(weights, u_token[rows, None])[:, 0]
+
+
+def _mean_token_draw(logits: Tensor, u: Tensor | None, generator: torch.Generator | None, transform: dict) -> Tensor:
+    """x̂ ~ μ for rows (c, V) of logits: by inverse CDF with the float64 uniforms u (c, 1), or, with
+    u None, by the reference float32 Gumbel-max over the V tokens."""
+    _check_logit_rows(logits)
+    if u is None:
+        return gumbel_max_float32(transform_logits(logits.to(torch.float32), **transform), generator)
+    return _inverse_cdf(_mu64(logits, **transform), u)[:, 0]
 
 
 def mean_step(
@@ -287,26 +326,23 @@ def mean_step(
 ) -> Tensor:
     """The "mean" variant: draw x̂ ~ μ at every masked position, then unmask with probability r.
 
-    r = (α_s - α_t)/(1 - α_t); scalar schedules only. Arguments as :func:`ancestral_step`.
-    For a scalar schedule this is the same law as the ancestral step (per position: unmask
-    with probability r, token ~ μ); it differs in the random stream and, with
-    ``precision="float32"``, in that the reference's Gumbel draw runs over the V tokens only.
+    r = (α_s - α_t)/(1 - α_t) (formed in float64); scalar schedules only. Arguments and errors
+    as :func:`ancestral_step`. For a scalar schedule this is the same law as the ancestral step
+    (per position: unmask with probability r, token ~ μ); it differs in the random stream and,
+    with ``precision="float32"``, in that the reference's Gumbel draw runs over the V tokens only.
     Random numbers: x̂ for all masked positions first, then one uniform per masked position.
     """
     _check_precision(precision)
     _check_transform_args(temperature, top_k, top_p)
     b, l, v = _step_setup(z, logits, vocab_size)
-    dtype = torch.float64 if precision == "float64" else torch.float32
-    a_t = _rowwise_alpha(alpha_t, b, v, dtype, z.device)
-    a_s = _rowwise_alpha(alpha_s, b, v, dtype, z.device)
-    if a_t.shape[-1] != 1 or a_s.shape[-1] != 1:
+    alphas = [_rowwise_alpha(a, b, v, torch.float64, z.device) for a in (alpha_t, alpha_s)]
+    if alphas[0].shape[-1] != 1 or alphas[1].shape[-1] != 1:
         raise ValueError(
             "the 'mean' sampler needs a scalar schedule: with a per-token schedule (GenMD4) the "
             "unmasking probability depends on the token; use sampler='ancestral'"
         )
-    if bool((a_s < a_t - 1e-6).any()):
-        raise ValueError("alpha_s < alpha_t: the step must go backwards in time (s < t, so α_s ≥ α_t)")
-    rate = unmask_probability(a_t, a_s)[:, 0]  # (B,)
+    rate = _step_rate(alphas[0], alphas[1], b, v, z.device)[:, 0]  # (B,), float64
+    transform = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     out = z.clone()
     masked = z == v
     if not bool(masked.any()):
@@ -314,14 +350,12 @@ def mean_step(
     bi, li = masked.nonzero(as_tuple=True)
     n = bi.numel()
     lg = _resolve_logits(logits, b, l, v)
-    if precision == "float32":
-        x = transform_logits(lg[bi, li].to(torch.float32), temperature=temperature, top_k=top_k, top_p=top_p)
-        x_hat = gumbel_max_float32(x, generator)
-        u = torch.rand(n, generator=generator, device=z.device, dtype=torch.float32)
-    else:
-        mu = _mu64(lg[bi, li], temperature, top_k, top_p)
-        x_hat = _inverse_cdf(mu, torch.rand(n, 1, generator=generator, device=z.device, dtype=torch.float64))[:, 0]
-        u = torch.rand(n, generator=generator, device=z.device, dtype=torch.float64)
+    x_hat = torch.empty(n, dtype=torch.long, device=z.device)
+    u_hat = torch.rand(n, 1, generator=generator, device=z.device, dtype=torch.float64) if precision == "float64" else None
+    for part in _row_chunks(n, v):
+        x_hat[part] = _mean_token_draw(lg[bi[part], li[part]], u_hat[part] if precision == "float64" else None,
+                                       generator, transform)
+    u = torch.rand(n, generator=generator, device=z.device, dtype=torch.float64 if precision == "float64" else torch.float32)
     unmask = u < rate[bi]
     out[bi[unmask], li[unmask]] = x_hat[unmask]
     return out

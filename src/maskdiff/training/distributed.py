@@ -22,7 +22,7 @@ import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from maskdiff.checkpoint import Checkpoint, load_checkpoint
 from maskdiff.model import MaskedDiffusion
 from maskdiff.training.ema import EMA
+
+T = TypeVar("T")
 
 __all__ = [
     "DistInfo",
@@ -46,6 +48,7 @@ __all__ = [
     "restore_sharded",
     "mean_across_ranks",
     "gather_rng_states",
+    "on_main",
 ]
 
 
@@ -77,6 +80,31 @@ def init_distributed(device: torch.device) -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def on_main(fn: Callable[[], T], info: DistInfo) -> T | None:
+    """Run ``fn`` on rank 0 only (others get None); when it raises, every rank raises.
+
+    Rank 0 raises the exception itself, the other ranks a RuntimeError with its message, so that
+    no rank waits forever for one that failed (e.g. a run folder check). A collective when
+    ``world_size > 1``.
+    """
+    if info.world_size == 1:
+        return fn()
+    result: T | None = None
+    error: BaseException | None = None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # tell the other ranks, then raise it here
+            error = exc
+    message = [None if error is None else f"{error}"]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(message[0])
+    return result
 
 
 def barrier() -> None:

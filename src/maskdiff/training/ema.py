@@ -46,10 +46,17 @@ class EMA:
         return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """One averaging step. ``skip``: a 0-d bool tensor; when true the average stays where it
+        is (the optimiser step was skipped on the device), decided without a host sync. The
+        update is counted either way (the trainer corrects the count when it reads the flags)."""
         d = self.current_decay()
         params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+        if skip is None:
+            torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+        else:
+            weight = torch.where(skip, 0.0, 1.0 - d).to(device=self.shadow[0].device, dtype=torch.float32)
+            torch._foreach_lerp_(self.shadow, params, [weight] * len(params))
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:

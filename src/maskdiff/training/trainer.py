@@ -17,6 +17,12 @@ The trainer composes three parts:
   weights and optimiser state do not fit one device).
 * :mod:`maskdiff.training.ema`: the exponential moving average that validation, checkpoints and
   the exported denoiser use.
+* :mod:`maskdiff.training.guard`: steps with a non-finite loss or gradient norm are skipped and
+  counted (``train.max_nonfinite_steps`` in a row stop the run: :class:`TrainingDiverged`), and
+  Ctrl-C saves a checkpoint before stopping (:class:`TrainingInterrupted`).
+* :mod:`maskdiff.training.resume` (the folder and the flags checked, and locked, before any
+  work), :mod:`maskdiff.training.checkpointing` (save, restore, ``pretrained/``: nothing
+  non-finite is written) and :mod:`maskdiff.training.logbook` (``metrics.jsonl``).
 
 Both parallel modes compute the same steps and write the same checkpoints: full, unsharded state
 dicts written by rank 0, which load on one process (``maskdiff.load``, ``maskdiff eval``/``sample``)
@@ -26,7 +32,6 @@ and resume under either mode or none.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -36,10 +41,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from maskdiff.build import build_model, run_data
-from maskdiff.checkpoint import environment_info, load_checkpoint, prepare_run_folder, save_checkpoint
+from maskdiff.build import build_model, network_config_for, run_data
+from maskdiff.checkpoint import environment_info
 from maskdiff.config import RunConfig
 from maskdiff.data import ImageSplits, TokenSplits
 from maskdiff.devices import resolve_device
@@ -47,23 +52,29 @@ from maskdiff.evaluate import evaluate_split
 from maskdiff.fileio import write_json_atomic
 from maskdiff.metrics import LN2
 from maskdiff.model import MaskedDiffusion
-from maskdiff.networks import build_network
+from maskdiff.training.checkpointing import RunState
 from maskdiff.training.distributed import (
     barrier,
     destroy_process_group,
-    full_model_state,
-    full_optimizer_state,
-    gather_rng_states,
     init_distributed,
     mean_across_ranks,
+    on_main,
     reshard,
-    restore_sharded,
     shard_model,
 )
 from maskdiff.training.ema import EMA
+from maskdiff.training.guard import (
+    NonFiniteGuard,
+    StopRequest,
+    TrainingDiverged,
+    TrainingInterrupted,
+    max_nonfinite_steps,
+)
+from maskdiff.training.logbook import Logbook
+from maskdiff.training.resume import check_network, open_run, release_run, tidy_resumed
 from maskdiff.training.streams import Streams, model_init_seed
 
-__all__ = ["Trainer", "train", "learning_rate"]
+__all__ = ["Trainer", "train", "learning_rate", "TrainingDiverged", "TrainingInterrupted"]
 
 
 def learning_rate(step: int, cfg: Any, total_steps: int) -> float:
@@ -82,16 +93,22 @@ def learning_rate(step: int, cfg: Any, total_steps: int) -> float:
 
 
 
-class Trainer:
+class Trainer(RunState):
     """Train a :class:`RunConfig` into a run folder (see :mod:`maskdiff.checkpoint` for its layout).
 
     Args:
         config: the run's settings (validated here).
         out_dir: the run folder.
-        resume: continue from the folder's latest checkpoint.
-        overwrite: replace an existing run folder.
+        resume: continue from the folder's latest checkpoint (same architecture, more steps).
+        overwrite: move an existing run folder aside (``PATH.old-<time>``) and start afresh.
         progress: show a progress bar (rank 0 only).
         data: the data to train on (default: loaded from ``config.data``).
+
+    The folder is locked for the trainer's life (:meth:`close` releases it).
+
+    Raises:
+        RunFolderError: the folder and the flags do not fit (checked before anything is written).
+        FolderLockedError: another process is writing the folder.
     """
 
     def __init__(
@@ -106,16 +123,26 @@ class Trainer:
     ) -> None:
         self.config = config.validate()
         cfg = self.config
+        self.max_nonfinite = max_nonfinite_steps(cfg.train)
         self.device = resolve_device(cfg.train.device)
         self.dist = init_distributed(self.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         self.out_dir = Path(out_dir)
-        if self.dist.is_main:
-            prepare_run_folder(self.out_dir, resume=resume, overwrite=overwrite)
-        barrier()
         self.progress = progress and self.dist.is_main
+        # Every check of the folder and the flags runs before anything is written; then the
+        # folder is locked (one writer) until close(). A failed set-up releases it again.
+        self._lock = on_main(lambda: open_run(self.out_dir, cfg, resume=resume, overwrite=overwrite), self.dist)
+        try:
+            self._set_up(resume, data)
+        except BaseException:
+            release_run(self._lock, failed=True)
+            self._lock = None
+            raise
 
+    def _set_up(self, resume: bool, data: TokenSplits | ImageSplits | None) -> None:
+        """Data streams, model, EMA, optimiser; the checkpoint when resuming, the run files when not."""
+        cfg = self.config
         # Data: this process's streams (stream k reads shard k of the training data).
         self.data = data if data is not None else run_data(cfg)
         self.vocab_size = self.data.vocab_size
@@ -130,19 +157,29 @@ class Trainer:
         # must hold the shards (DTensors), not the full parameters that fully_shard replaces.
         self.fsdp = self.dist.world_size > 1 and cfg.train.parallel == "fsdp"
         self.autocast_dtype = self._autocast_dtype()
+        if resume:  # the network.json of the run against what this config and data build
+            net_cfg = network_config_for(cfg, self.vocab_size, image_shape=self.data.image_shape,
+                                         num_classes=self.data.num_classes)
+            on_main(lambda: check_network(self.out_dir, net_cfg), self.dist)
         self.model: MaskedDiffusion = self._build_model()
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
             weight_decay=cfg.optim.weight_decay, fused=self.device.type == "cuda",
         )
+        # A step with a non-finite loss or gradient is skipped on the device when the optimiser
+        # can take the flag there (fused AdamW), else after reading it (see training/guard.py).
+        self._device_skip = (not self.fsdp and isinstance(self.optimizer, torch.optim.Adam)
+                             and bool(self.optimizer.defaults.get("fused")))
+        self.guard = NonFiniteGuard(self.max_nonfinite, self.device)
+        self._last_saved: int | None = None
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
         if resume:
             self._restore()
             if self.dist.is_main:
-                self._record_config_change()
+                tidy_resumed(self.out_dir, cfg, self.step)
         elif self.dist.is_main:
             self._write_run_files()
         if cfg.train.compile:
@@ -152,7 +189,7 @@ class Trainer:
             nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
             if self.dist.world_size > 1 and not self.fsdp else None
         )
-        self._tb = self._tensorboard()
+        self.logbook = Logbook(self.out_dir, enabled=self.dist.is_main)
 
     # -- set-up helpers -------------------------------------------------------------------------
 
@@ -189,114 +226,43 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _tensorboard(self) -> Any:
-        if not self.dist.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed: JSONL only
-            return None
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
-
-    # -- state ----------------------------------------------------------------------------------
-
-    def save(self) -> None:
-        """Write a checkpoint (rank 0 writes; every rank takes part in the gathers)."""
-        rng = gather_rng_states(self.streams.rng_state(), self.dist)
-        if self.fsdp:
-            model_state, ema_state = full_model_state(self.model, self.ema, self.dist)
-            optim_state = full_optimizer_state(self.model, self.optimizer, self.dist)
-        elif self.dist.is_main:
-            model_state = self.model.state_dict()
-            ema_state = self.ema.state_dict() if self.ema else None
-            optim_state = self.optimizer.state_dict()
-        if not self.dist.is_main:
-            barrier()
-            return
-        cfg = self.config
-        state = {
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.elapsed,
-            "world_size": self.dist.world_size,
-            "grad_accum": cfg.train.grad_accum,
-            "ema_updates": self.ema.num_updates if self.ema else 0,
-        }
-        save_checkpoint(
-            self.out_dir, self.step,
-            model=model_state, ema=ema_state, optimizer=optim_state,
-            rng=rng, state=state, keep=cfg.train.keep_checkpoints,
-        )
-        barrier()
-
-    def _restore(self) -> None:
-        """Load the latest checkpoint: weights, EMA, optimiser, RNG streams and counters."""
-        if self.fsdp:
-            ckpt = restore_sharded(self.out_dir, self.model, self.ema, self.optimizer, self.dist)
-        else:
-            ckpt = load_checkpoint(self.out_dir, device=str(self.device))
-            self.model.load_state_dict(ckpt.model)
-            if self.ema is not None and ckpt.ema is not None:
-                self.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
-            if ckpt.optimizer is not None:
-                self.optimizer.load_state_dict(ckpt.optimizer)
-        st = ckpt.state
-        if st["world_size"] * st["grad_accum"] != self.streams.n_streams and self.dist.is_main:
-            print(
-                f"warning: the checkpoint used world_size × grad_accum = {st['world_size']} × {st['grad_accum']}, "
-                f"this run {self.dist.world_size} × {self.config.train.grad_accum}: training continues, but not "
-                f"on the exact same data order", file=sys.stderr,
-            )
-        self.streams.load_rng_state(ckpt.rng)
-        self.step = int(st["step"])
-        self.tokens_seen = int(st["tokens_seen"])
-        self.elapsed = float(st.get("elapsed_s", 0.0))
-        if self.dist.is_main:
-            print(f"resumed {self.out_dir} at step {self.step} from {ckpt.path.name}", file=sys.stderr)
-
-    def _record_config_change(self) -> None:
-        """A run resumed with ``--set`` overrides (e.g. more steps): keep config.json true.
-
-        The previous config is kept as ``config.before-step-<N>.json`` and the changed keys are
-        printed, so the run folder says what each stretch of training used.
-        """
-        path = self.out_dir / "config.json"
-        try:
-            before = json.loads(path.read_text())
-        except (OSError, ValueError):
-            before = None
-        after = self.config.to_dict()
-        if before == after:
-            return
-        changed = sorted(
-            f"{section}.{key}"
-            for section, values in after.items() if isinstance(values, dict)
-            for key in values
-            if not isinstance(before, dict) or before.get(section, {}).get(key) != values[key]
-        )
-        if before is not None:
-            write_json_atomic(self.out_dir / f"config.before-step-{self.step}.json", before)
-        write_json_atomic(path, after)
-        print(f"note: resumed with a changed config ({', '.join(changed) or 'name'}); the previous one is "
-              f"kept as config.before-step-{self.step}.json", file=sys.stderr)
-
     # -- logging --------------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` to ``metrics.jsonl`` (and TensorBoard when installed); rank 0 only."""
-        if not self.dist.is_main:
+        """Append ``record`` to ``metrics.jsonl`` (one write; and TensorBoard when installed); rank 0 only."""
+        self.logbook.write(record)
+
+    def _log_window(self, bar: Any, stopped: str | None = None) -> None:
+        """The train record of the steps since the last one: means over the finite steps, the
+        number skipped (``nonfinite_steps``, when any), throughput and schedule statistics."""
+        book = self.logbook
+        if book.steps == 0:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            split = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step",):
-                    self._tb.add_scalar(f"{split}/{key}", value, record["step"])
+        cfg = self.config
+        seconds = time.perf_counter() - book.start
+        record = mean_across_ranks(book.means(), self.dist, self.device)
+        record["tokens_per_s"] = book.steps * cfg.train.batch_size * cfg.data.seq_len / max(seconds, 1e-9)
+        record.update(self.model.schedule_stats())
+        if self.guard.window:
+            record.update(nonfinite_steps=self.guard.window, nonfinite_total=self.guard.skipped)
+            self.guard.window = 0
+        if stopped:
+            record["stopped"] = stopped
+        self.log({"step": self.step, "split": "train", "tokens": self.tokens_seen, **record})
+        if bar is not None:
+            bar.set_postfix(bpt=f"{record['bits_per_token']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"w": f"{record['w_mean']:.2f}"} if "w_mean" in record else {}))
+        book.reset()
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, float]:
-        """One optimiser step over this rank's micro-batches; returns logged scalars (this rank)."""
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step over this rank's micro-batches.
+
+        Returns this rank's scalars, as 0-d device tensors (no host sync) but ``lr``, and
+        ``nonfinite``: whether the step was skipped (no optimiser or EMA update) because its loss
+        or gradient norm is not finite (see :mod:`maskdiff.training.guard`).
+        """
         cfg = self.config
         module = self.ddp if self.ddp is not None else self.model
         self.model.train()
@@ -304,8 +270,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        nelbo_sum = 0.0
-        loss_sum = 0.0
+        nelbo_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         accum = cfg.train.grad_accum
         for a, k in enumerate(self.streams.mine):
             x, labels = self.streams.next_batch(k)
@@ -322,12 +288,12 @@ class Trainer:
                     extra = {"labels": labels} if labels is not None else {}
                     terms = module(x, generator=self.streams.loss_generator(k), **extra)
                 (terms["loss"] / accum).backward()
-            nelbo_sum += float(terms["nelbo"].detach().mean()) / accum
-            loss_sum += float(terms["loss"].detach()) / accum
+            nelbo_sum += terms["nelbo"].detach().mean().double() / accum
+            loss_sum += terms["loss"].detach().double() / accum
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        bad = self.guard.flag(loss_sum, grad_norm)
+        self._apply_update(bad)
+        self.guard.observe(bad)
         self.step += 1
         self.tokens_seen += cfg.train.batch_size * cfg.data.seq_len
         return {
@@ -335,10 +301,29 @@ class Trainer:
             "bits_per_token": nelbo_sum / (cfg.data.seq_len * LN2),
             "grad_norm": grad_norm,
             "lr": lr,
+            "nonfinite": bad,
         }
 
-    def _clip_gradients(self) -> float:
-        """Clip to ``optim.grad_clip`` (when > 0); returns the global gradient norm before clipping."""
+    def _apply_update(self, bad: Tensor) -> None:
+        """Optimiser step and EMA update, unless ``bad`` (a 0-d bool tensor on the device)."""
+        if self._device_skip:
+            # Fused AdamW reads the flag on the device and then leaves weights, moments and step
+            # counts as they were (the gradient scaler's mechanism): no host sync per step.
+            self.optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            if self.ema is not None:
+                self.ema.update(self.model, skip=bad)
+        elif not bool(bad):
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+
+    def _clip_gradients(self) -> Tensor:
+        """Clip to ``optim.grad_clip`` (when > 0); returns the global gradient norm before
+        clipping, as a 0-d tensor on the device."""
         cfg = self.config
         if self.fsdp:
             from torch.distributed.tensor import DTensor
@@ -349,11 +334,11 @@ class Trainer:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+            return norm.full_tensor() if isinstance(norm, DTensor) else norm
         if cfg.optim.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
-        return float(torch.linalg.vector_norm(torch.stack([
-            p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None])))
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        return torch.linalg.vector_norm(torch.stack([
+            p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[MaskedDiffusion]:
@@ -391,7 +376,15 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``train.steps``; returns the final validation figures."""
+        """Train until ``train.steps``; returns the final validation figures.
+
+        Raises:
+            TrainingDiverged: ``train.max_nonfinite_steps`` steps in a row had a non-finite loss
+                or gradient norm (each was skipped), or the weights became non-finite; nothing
+                non-finite was written, and no good checkpoint was pruned.
+            TrainingInterrupted: Ctrl-C; the first one saves a checkpoint of the current step
+                first, the message says which step to resume from.
+        """
         cfg = self.config
         total = cfg.train.steps
         bar = None
@@ -400,71 +393,64 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
-        window: dict[str, float] = {}
-        window_steps = 0
-        window_start = time.perf_counter()
         last_val: dict[str, Any] = {}
-        while self.step < total:
-            t0 = time.perf_counter()
-            scalars = self.train_step()
-            self.elapsed += time.perf_counter() - t0
-            for key, value in scalars.items():
-                window[key] = window.get(key, 0.0) + value
-            window_steps += 1
-            if bar is not None:
-                bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == total:
-                seconds = time.perf_counter() - window_start
-                record = {k: v / window_steps for k, v in window.items()}
-                record = mean_across_ranks(record, self.dist, self.device)
-                record["tokens_per_s"] = window_steps * cfg.train.batch_size * cfg.data.seq_len / max(seconds, 1e-9)
-                record.update(self.model.schedule_stats())
-                self.log({"step": self.step, "split": "train", "tokens": self.tokens_seen, **record})
+        self.logbook.reset()
+        with StopRequest(self.dist.world_size == 1) as stop:
+            try:
+                while self.step < total:
+                    t0 = time.perf_counter()
+                    self.logbook.add(self.train_step())
+                    self.elapsed += time.perf_counter() - t0
+                    if bar is not None:
+                        bar.update(1)
+                    logging = self.step % cfg.train.log_every == 0 or self.step == total
+                    if logging or not self._device_skip:
+                        self._check_guard()
+                    if logging:
+                        self._log_window(bar)
+                    if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == total):
+                        last_val = self._validate_and_log(bar)
+                    if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or self.step == total:
+                        self._check_guard()
+                        if not self.guard.streak or self.step == total:  # not amid skipped steps
+                            self.save()
+                    if stop.requested:
+                        self._stop(total)
+            except TrainingDiverged:
+                self._log_window(None, stopped="diverged")
+                raise
+            except KeyboardInterrupt:
+                saved = (f"the latest checkpoint is step {self._last_saved}: continue from it with `maskdiff train "
+                         f"--out {self.out_dir} --resume`" if self._last_saved is not None
+                         else "no checkpoint was written")
+                raise TrainingInterrupted(f"interrupted at step {self.step} of {total} without saving; {saved}") from None
+            finally:
                 if bar is not None:
-                    bar.set_postfix(bpt=f"{record['bits_per_token']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    **({"w": f"{record['w_mean']:.2f}"} if "w_mean" in record else {}))
-                window, window_steps, window_start = {}, 0, time.perf_counter()
-            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == total):
-                val = self.validate(cfg.train.eval_batches or None)
-                last_val = val
-                self.log({"step": self.step, "split": "validation", "bits_per_token": val["bits_per_token"],
-                          "stderr": val["stderr"], "n_sequences": val["n_sequences"]})
-                if bar is not None:
-                    bar.write(f"step {self.step}: validation {val['bits_per_token']:.4f} ± {val['stderr']:.4f} bits/token")
-            if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or self.step == total:
-                self.save()
-        if bar is not None:
-            bar.close()
+                    bar.close()
         self._save_pretrained()
         barrier()
+        if self.guard.skipped and self.dist.is_main:
+            print(f"warning: {self.guard.skipped} step(s) had a non-finite loss or gradient norm and were skipped "
+                  f"(nonfinite_steps in {self.out_dir / 'metrics.jsonl'})", file=sys.stderr)
         return last_val
 
-    def _save_pretrained(self) -> None:
-        """The EMA (or raw) denoiser in ``save_pretrained`` form, written by rank 0."""
-        if not self.fsdp:
-            if self.dist.is_main:
-                with self.averaged_weights() as model:
-                    model.network.save_pretrained(self.out_dir / "pretrained")
-            return
-        # Sharded: gather full tensors (all ranks), then rank 0 fills an unsharded copy of the
-        # network, created on the meta device so that only the gathered tensors take memory.
-        state, ema = full_model_state(self.model, self.ema, self.dist)
-        if not self.dist.is_main:
-            return
-        state.update(ema or {})  # the EMA holds every parameter; buffers come from the raw state
-        prefix = "network."
-        with torch.device("meta"):
-            network = build_network(self.model.network.config)
-        network.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                strict=True, assign=True)
-        network.save_pretrained(self.out_dir / "pretrained")
+    def _validate_and_log(self, bar: Any) -> dict[str, Any]:
+        cfg = self.config
+        val = self.validate(cfg.train.eval_batches or None)
+        self.log({"step": self.step, "split": "validation", "bits_per_token": val["bits_per_token"],
+                  "stderr": val["stderr"], "n_sequences": val["n_sequences"]})
+        if bar is not None:
+            bar.write(f"step {self.step}: validation {val['bits_per_token']:.4f} ± {val['stderr']:.4f} bits/token")
+        return val
 
     def close(self) -> None:
         """Release the process group safely: drop everything that holds communication state
         first (DDP wrapper, or the sharded model, EMA and optimiser under FSDP; with gloo a
         process group destroyed under live users sometimes crashes), then barrier, destroy."""
-        if self._tb is not None:
-            self._tb.close()
+        if getattr(self, "logbook", None) is not None:
+            self.logbook.close()
+        release_run(self._lock, failed=False)
+        self._lock = None
         if dist.is_initialized():
             self.ddp = None
             self.optimizer = None  # type: ignore[assignment]

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from maskdiff import runs
+from maskdiff.apps.checks import check_run_writable
 from maskdiff.apps.generate import generate_tokens
 from maskdiff.apps.genppl.scorers import Scorer, load_scorer
 from maskdiff.build import run_data
@@ -458,6 +459,8 @@ def run_genppl(run_dir: str | os.PathLike[str], *, precision: str = "float64", s
     """``maskdiff genppl``: sample quality for each precision (``"both"``: float64 and float32, same
     seed) written to ``RUN_DIR/genppl-<precision>.json``, plus the real-data row
     (``genppl-data.json``) with ``reference``. Returns the results in that order."""
+    check_run_writable(run_dir, "genppl", "it keeps its results in RUN_DIR/genppl-*.json: copy the run folder "
+                       "and score the copy")
     dev = resolve_device(device)
     run = _load_run(run_dir, dev)
     sc = load_scorer(scorer, dev)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from maskdiff import runs
+from maskdiff.apps.checks import check_run_writable
 from maskdiff.apps.zeroshot.datasets import get_dataset
 from maskdiff.apps.zeroshot.rows import load_rows
 from maskdiff.apps.zeroshot.sequences import CONVENTIONS, ZeroShotSequences, build_sequences
@@ -254,6 +255,8 @@ def run_zeroshot(
     Results are stored under ``"<dataset>/<convention>/<split>"``, so runs on other data sets or
     conventions add to the file instead of replacing it.
     """
+    check_run_writable(run_dir, "zeroshot", "it keeps its results in RUN_DIR/zeroshot.json: copy the run folder "
+                       "and evaluate the copy")
     specs = [get_dataset(d) for d in datasets]
     if not specs:
         raise ValueError("no data sets given: --datasets lambada,wikitext2,wikitext103,ptb,lm1b")
