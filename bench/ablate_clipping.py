@@ -117,7 +117,7 @@ VARIANTS: dict[str, Variant] = {
                       network={**OLD_NETWORK, "cond_dim": 32, "time_embed_dim": 32, "time_mlp_hidden": 128}),
     "beta2_099": Variant("AdamW beta2 0.99 instead of 0.999 (optimiser only)", network=dict(OLD_NETWORK),
                          overrides=["optim.beta2=0.99"]),
-    "fixed": Variant("the new default network (TransformerConfig defaults)"),
+    "fixed": Variant("TransformerConfig's current defaults (today: the same network as base)"),
 }
 
 
