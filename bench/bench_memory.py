@@ -5,14 +5,17 @@ Cases (V = 50,257 by default; every size is a flag):
   genmd4-loss      GenMD4 training step (forward + backward of ``MaskedDiffusion``) on a small
                    transformer: ``chunked_loss=False`` (full (2B, L, V) logits, the 0.1 path)
                    against the chunked head path (``maskdiff.cross_entropy.linear_genmd4_terms``).
-  step-f32         one float32 ancestral step over B·L masked positions, scalar schedule: one
-                   chunk of (N, V + 1) buffers (``DRAW_CHUNK_ELEMENTS`` set huge, the 0.1 path)
-                   against the default chunks.
+  step-f32         one float32 ancestral step over N = B·L masked positions, scalar schedule
+                   (random logits, top-p 0.95, r = 0.5): one chunk of (N, V + 1) buffers
+                   (``DRAW_CHUNK_ELEMENTS`` set huge, the 0.1 path) against the default chunks.
   step-f32-token   the same with a per-token (GenMD4) schedule (adds an (N, V) float64 rate).
-  step-f64-token   the float64 ancestral step with a per-token schedule, first step of the grid
-                   (every position is a candidate).
+  step-f64         the default float64 ancestral step, scalar schedule, a step with r = 0.5
+                   (about half the positions need μ).
+  step-f64-token   the float64 ancestral step with a per-token schedule, t = 1 → 0.3 (nearly
+                   every position is a candidate).
   sample-token     ``sample()`` with a per-token schedule, T steps: the (T + 1, V) float64 α
-                   table (``PER_TOKEN_ALPHA_TABLE = True``, the 0.1 path) against α per step.
+                   table (``PER_TOKEN_ALPHA_TABLE = True``, the 0.1 path) against α computed in
+                   blocks of ``ALPHA_BLOCK_ELEMENTS`` // V grid times.
 
 Each (case, path) runs in a fresh process; inputs (the model, the logits a step receives) are
 allocated before the measured call. Two measures of what the call adds:
@@ -49,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-CASES = ("genmd4-loss", "step-f32", "step-f32-token", "step-f64-token", "sample-token")
+CASES = ("genmd4-loss", "step-f32", "step-f32-token", "step-f64", "step-f64-token", "sample-token")
 GPT2_VOCAB = 50257
 MIB = 2.0**20
 

@@ -226,7 +226,8 @@ def test_cli_genppl_on_a_tiny_run(scorer, tiny_run, capsys):
     assert table.count(scorer.label) >= 3  # title and both rows
     assert "float64" in table and "float32" in table
     for prec in ("float64", "float32"):
-        res = json.loads((tiny_run / f"genppl-{prec}.json").read_text())
+        # non-default settings are named in the file name: results of other settings never collide
+        res = json.loads((tiny_run / f"genppl-{prec}-n3-T8-seed1-scorer-smollm2-135m.json").read_text())
         assert res["precision"] == prec and res["scorer"] == scorer.label and res["num_samples"] == 3
         assert res["sampler"] == {"steps": 8, "grid": "cosine", "sampler": "ancestral", "top_p": None, "top_k": None,
                                   "temperature": 1.0, "seed": 1, "length": 32, "num": 3,
@@ -239,3 +240,10 @@ def test_cli_genppl_on_a_tiny_run(scorer, tiny_run, capsys):
         # the same texts as `maskdiff sample` with the same settings and seed
         texts, _ = generate_text(str(tiny_run), num=3, steps=8, seed=1, precision=prec, device="cpu", progress=False)
         assert res["texts"] == texts
+
+
+def test_settings_suffix_names_only_what_differs():
+    from maskdiff.apps.checks import settings_suffix
+
+    assert settings_suffix([("n", 32, 32), ("T", 256, 256)]) == ""
+    assert settings_suffix([("n", 8, 32), ("T", 256, 256), ("p", 0.9, None), ("raw", True, False)]) == "-n8-p0.9-raw"

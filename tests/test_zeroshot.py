@@ -389,14 +389,35 @@ def test_cli_writes_json_and_prints_table(files, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| WikiText-2 | test | pad | 3 |" in out and "| PTB | test | pad | 3 |" in out
     stored = json.loads((run_dir / "zeroshot.json").read_text())["results"]
-    assert set(stored) == {"wikitext2/pad/test", "ptb/pad/test"}
-    assert stored["ptb/pad/test"]["step"] == 123 and stored["ptb/pad/test"]["num_time_draws"] == 2
+    key = "ptb/pad/test-K2-n3-seed1"  # results of non-default settings are keyed by them
+    assert set(stored) == {"wikitext2/pad/test-K2-n3-seed1", key}
+    assert stored[key]["step"] == 123 and stored[key]["num_time_draws"] == 2
     # a second run adds to the file
     args = parser.parse_args(["zeroshot", str(run_dir), "--datasets", "lambada", "--path",
                               f"lambada={files['lambada_dir']}", "--convention", "pad", "--device", "cpu",
                               "--no-progress"])
     cli.cmd_zeroshot(args)
     assert set(json.loads((run_dir / "zeroshot.json").read_text())["results"]) == {
-        "wikitext2/pad/test", "ptb/pad/test", "lambada/pad/test"}
+        "wikitext2/pad/test-K2-n3-seed1", "ptb/pad/test-K2-n3-seed1", "lambada/pad/test"}
     with pytest.raises(ValueError, match="NAME=FILE"):
         cli._parse_paths(["wikitext2"])
+
+
+def test_results_of_other_settings_get_their_own_key(files, tmp_path, monkeypatch):
+    """zeroshot.json: a run with other settings adds a key named by them; the default key is kept."""
+    import maskdiff.runs as ckpt
+    from maskdiff.apps.zeroshot import run_zeroshot
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fake = ckpt.LoadedRun(run_dir, SimpleNamespace(diffusion=SimpleNamespace(method="md4")), tiny_gpt2_model(),
+                          7, "ema")
+    monkeypatch.setattr(ckpt, "load", lambda path, weights="ema", device="cpu": fake)
+    common = dict(paths={"ptb": files["ptb_txt"]}, convention="pad", device="cpu", progress=False)
+    run_zeroshot(run_dir, ["ptb"], max_sequences=3, **common)
+    first = json.loads((run_dir / "zeroshot.json").read_text())["results"]
+    run_zeroshot(run_dir, ["ptb"], max_sequences=3, draws=2, seed=1, **common)
+    stored = json.loads((run_dir / "zeroshot.json").read_text())["results"]
+    assert set(stored) == {"ptb/pad/test-n3", "ptb/pad/test-K2-n3-seed1"}
+    assert stored["ptb/pad/test-n3"] == first["ptb/pad/test-n3"]  # not replaced
+    assert stored["ptb/pad/test-K2-n3-seed1"]["num_time_draws"] == 2

@@ -128,3 +128,14 @@ def check_finite_weights(run: Any) -> None:
             other = "; try --weights raw" if run.weights == "ema" else ""
             raise WorkFailed(f"{file} holds non-finite values (NaN or inf, first in {name}): the run diverged by "
                              f"step {run.step}; nothing was computed{other}, or evaluate a run that did not diverge")
+
+
+def settings_suffix(settings: list[tuple[str, Any, Any]]) -> str:
+    """``-<tag><value>`` for each ``(tag, value, default)`` whose value is not the default, in order:
+    result names that encode every setting that changes the result, while the default settings
+    keep the plain name (e.g. ``[("K", 2, 1), ("seed", 0, 0)]`` → ``"-K2"``)."""
+    parts = []
+    for tag, value, default in settings:
+        if value != default:
+            parts.append(f"-{tag}{'' if value is True else value}")
+    return "".join(parts)

@@ -276,16 +276,17 @@ def ancestral_step(
     candidates = cand.nonzero(as_tuple=True)[0]
     for part in _row_chunks(candidates.numel(), v):
         ci = candidates[part]
-        rows, tokens = _float64_ancestral_draw(lg[bi[ci], li[ci]], rate[bi[ci]], ci, u_unmask, u_token, transform)
+        rows, tokens = _float64_ancestral_draw(lg[bi[ci], li[ci]], rate, bi[ci], ci, u_unmask, u_token, transform)
         out[bi[rows], li[rows]] = tokens
     return out
 
 
 def _float64_ancestral_draw(
-    logits: Tensor, rate: Tensor, ci: Tensor, u_unmask: Tensor, u_token: Tensor, transform: dict
+    logits: Tensor, rate: Tensor, batch_rows: Tensor, ci: Tensor, u_unmask: Tensor, u_token: Tensor, transform: dict
 ) -> tuple[Tensor, Tensor]:
-    """The exact draw for the candidates ``ci`` (c,) with logits (c, V) and float64 rates (c, 1) or
-    (c, V): the indices (into the masked positions) that unmask, and their tokens."""
+    """The exact draw for the candidates ``ci`` (c,), with logits (c, V), in batch rows
+    ``batch_rows`` (c,) of the float64 rates (B, 1) or (B, V): the indices (into the masked
+    positions) that unmask, and their tokens."""
     _check_logit_rows(logits)
     if rate.shape[-1] == 1:
         # Scalar schedule: P_u = r exactly, and the token given unmasking is distributed as μ.
@@ -293,7 +294,7 @@ def _float64_ancestral_draw(
         weights = _mu64(logits, **transform)
     else:
         # Only the candidates need μ: (Nc, V) with Nc ≈ N · max_j r_j.
-        x = _mu64(logits, **transform) * rate  # μ_j r_j
+        x = _mu64(logits, **transform) * rate[batch_rows]  # μ_j r_j
         keep = u_unmask[ci] < x.sum(-1).clamp(0.0, 1.0)  # unmask with P_u = Σ_j μ_j r_j
         rows = ci[keep]
         weights = x[keep]

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from maskdiff import runs
-from maskdiff.apps.checks import check_run_writable
+from maskdiff.apps.checks import WorkFailed, check_run_writable, settings_suffix
 from maskdiff.apps.generate import generate_tokens
 from maskdiff.apps.genppl.scorers import Scorer, load_scorer
 from maskdiff.build import run_data
@@ -452,30 +452,46 @@ def format_quality_table(results: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_finite(result: dict[str, Any], out: Path) -> None:
+    """A NaN generative perplexity is a failure of the work: nothing replaces ``out``."""
+    if not math.isfinite(float(result["gen_ppl"])):
+        raise WorkFailed(f"generative perplexity came out {result['gen_ppl']}; nothing was written ({out} is unchanged)")
+
+
 def run_genppl(run_dir: str | os.PathLike[str], *, precision: str = "float64", scorer: str = "auto",
                reference: bool = False, num: int = 32, steps: int = 256, seed: int = 0, length: int | None = None,
                grid: str = "cosine", top_p: float | None = None, top_k: int | None = None,
                temperature: float = 1.0, batch_size: int = 8, device: str = "auto") -> list[dict[str, Any]]:
     """``maskdiff genppl``: sample quality for each precision (``"both"``: float64 and float32, same
     seed) written to ``RUN_DIR/genppl-<precision>.json``, plus the real-data row
-    (``genppl-data.json``) with ``reference``. Returns the results in that order."""
+    (``genppl-data.json``) with ``reference``. Settings other than the defaults are named in the
+    file name (``genppl-float64-n8-T64.json``), so results of other settings never replace each
+    other; a NaN result writes nothing. Returns the results in that order."""
     check_run_writable(run_dir, "genppl", "it keeps its results in RUN_DIR/genppl-*.json: copy the run folder "
                        "and score the copy")
     dev = resolve_device(device)
     run = _load_run(run_dir, dev)
     sc = load_scorer(scorer, dev)
     precisions = ["float64", "float32"] if precision == "both" else [precision]
+    # Results of other settings get their own file; the default settings keep genppl-<precision>.json.
+    suffix = settings_suffix([("n", num, 32), ("T", steps, 256), ("seed", seed, 0), ("L", length, None),
+                              ("grid-", grid, "cosine"), ("p", top_p, None), ("k", top_k, None),
+                              ("temp", temperature, 1.0), ("scorer-", scorer, "auto")])
+    data_suffix = settings_suffix([("n", num, 32), ("L", length, None), ("scorer-", scorer, "auto")])
     results = []
     for prec in precisions:
         res = sample_quality(run, num=num, steps=steps, precision=prec, seed=seed, scorer=sc, length=length,
                              grid=grid, top_p=top_p, top_k=top_k, temperature=temperature, batch_size=batch_size,
                              device=str(dev))
-        out = Path(run_dir) / f"genppl-{prec}.json"
+        out = Path(run_dir) / f"genppl-{prec}{suffix}.json"
+        _check_finite(res, out)
         write_json_atomic(out, res)
         print(f"wrote {out}", file=sys.stderr)
         results.append(res)
     if reference:
         ref = reference_quality(run, num=num, scorer=sc, length=length, batch_size=batch_size, device=str(dev))
-        write_json_atomic(Path(run_dir) / "genppl-data.json", ref)
+        out = Path(run_dir) / f"genppl-data{data_suffix}.json"
+        _check_finite(ref, out)
+        write_json_atomic(out, ref)
         results.append(ref)
     return results

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from maskdiff import runs
-from maskdiff.apps.checks import check_run_writable
+from maskdiff.apps.checks import WorkFailed, check_run_writable, settings_suffix
 from maskdiff.apps.zeroshot.datasets import get_dataset
 from maskdiff.apps.zeroshot.rows import load_rows
 from maskdiff.apps.zeroshot.sequences import CONVENTIONS, ZeroShotSequences, build_sequences
@@ -279,7 +279,14 @@ def run_zeroshot(
     if out.is_file():
         with contextlib.suppress(json.JSONDecodeError, OSError):
             stored = json.loads(out.read_text()).get("results", {})
+    # Results of other settings get their own key; the default settings keep "<dataset>/<convention>/<split>".
+    suffix = settings_suffix([("K", draws, 1), ("T", steps, None), ("n", max_sequences, None), ("seed", seed, 0),
+                              ("raw", weights == "raw", False), ("bos", score_bos, False),
+                              ("skip-empty", skip_empty, False)])
     for r in results:
-        stored[f"{r['dataset']}/{r['convention']}/{r['split']}"] = r
+        if not math.isfinite(float(r["nats_per_token"])):
+            raise WorkFailed(f"zero-shot evaluation of {r['dataset']} gave {r['nats_per_token']} nats per token; "
+                             f"nothing was written ({out} is unchanged)")
+        stored[f"{r['dataset']}/{r['convention']}/{r['split']}{suffix}"] = r
     write_json_atomic(out, {"run": str(run_dir), "results": stored})
     return {"run": str(run_dir), "step": run.step, "weights": run.weights, "results": results, "file": str(out)}
