@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from maskdiff.data.baselines import ArrayLike, as_token_array
 from maskdiff.fileio import atomic_path
 
 if TYPE_CHECKING:
@@ -39,18 +40,6 @@ __all__ = [
 MASK_COLOR = (230, 20, 90)
 
 
-ArrayLike = np.ndarray | torch.Tensor
-
-
-def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype.kind not in "ui":
-        raise TypeError(f"{what} must hold integer token ids, got dtype {x.dtype}")
-    return x
-
-
 # ----------------------------------------------------------------------------------------------
 # Drawing
 
@@ -71,7 +60,7 @@ def tokens_to_rgb(
     h, w, c = (int(s) for s in shape)
     if c not in (1, 3):
         raise ValueError(f"only 1 or 3 channels can be drawn, got shape {shape}")
-    x = _to_numpy(tokens, "tokens")
+    x = as_token_array(tokens, "tokens")
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2 or x.shape[1] != h * w * c:
@@ -186,13 +175,13 @@ def unmasking_strip(
     masks left after the last step are filled by the final argmax). Written to ``path`` when
     given. Masks are drawn in the mask colour (see :func:`tokens_to_rgb`).
     """
-    t = _to_numpy(trajectory, "trajectory")
+    t = as_token_array(trajectory, "trajectory")
     if t.ndim == 2:
         t = t[:, None, :]
     if t.ndim != 3:
         raise ValueError(f"trajectory must be (K, L) or (K, B, L), got {t.shape}")
     if final is not None:
-        f = _to_numpy(final, "final").reshape(1, -1, t.shape[2])
+        f = as_token_array(final, "final").reshape(1, -1, t.shape[2])
         if f.shape[1] != t.shape[1]:
             raise ValueError(f"final has {f.shape[1]} samples, trajectory {t.shape[1]}")
         t = np.concatenate([t, f], axis=0)
@@ -220,8 +209,8 @@ def class_grid(
     Classes with fewer images leave blank (padding-coloured) cells. ``num_classes`` defaults
     to ``max(labels) + 1``. Written to ``path`` when given.
     """
-    x = _to_numpy(tokens, "tokens")
-    y = _to_numpy(labels, "labels").reshape(-1)
+    x = as_token_array(tokens, "tokens")
+    y = as_token_array(labels, "labels").reshape(-1)
     if x.ndim != 2 or y.shape[0] != x.shape[0]:
         raise ValueError(f"tokens (N, L) and labels (N,) must match, got {x.shape} and {y.shape}")
     if num_classes is None:
@@ -302,7 +291,7 @@ def fid(
         )
     stats = []
     for what, x in (("samples", samples), ("reference", reference)):
-        arr = _to_numpy(x, what)
+        arr = as_token_array(x, what)
         h, w, c = shape
         if arr.ndim != 2 or arr.shape[1] != h * w * c:
             raise ValueError(f"{what} must be (N, {h * w * c}), got {arr.shape}")

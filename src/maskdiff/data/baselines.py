@@ -10,13 +10,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["histogram_bits_per_dim"]
+__all__ = ["ArrayLike", "as_token_array", "histogram_bits_per_dim"]
 
 ArrayLike = np.ndarray | torch.Tensor
 _BLOCK_ELEMENTS = 1 << 22  # ids per block when counting (bounded memory on memory maps)
 
 
-def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
+def as_token_array(x: ArrayLike, what: str) -> np.ndarray:
+    """``x`` (NumPy array or tensor of token ids, any shape) as a NumPy array; TypeError naming
+    ``what`` unless it holds integers."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -52,7 +54,7 @@ def histogram_bits_per_dim(
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if smoothing < 0:
         raise ValueError(f"smoothing must be >= 0, got {smoothing}")
-    tr, te = _to_numpy(train, "train"), _to_numpy(test, "test")
+    tr, te = as_token_array(train, "train"), as_token_array(test, "test")
     if tr.ndim != 2 or te.ndim != 2 or tr.shape[1] != te.shape[1]:
         raise ValueError(f"train and test must be (N, L) with the same L, got {tr.shape} and {te.shape}")
     if te.shape[0] == 0:
