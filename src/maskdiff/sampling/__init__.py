@@ -82,6 +82,7 @@ from maskdiff.sampling.categorical import (
     transform_logits,
 )
 from maskdiff.sampling.conditioning import FREE, _as_token_rows, _prepare_fixed, fixed_from_template, make_fixed
+from maskdiff.sampling.registry import sampler_names
 from maskdiff.sampling.sampler import (
     SampleInfo,
     _check_sample_args,
@@ -121,4 +122,5 @@ __all__ = [
     "make_fixed",
     "fixed_from_template",
     "sample",
+    "sampler_names",
 ]

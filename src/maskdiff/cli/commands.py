@@ -1,9 +1,8 @@
-"""Command-line interface: ``maskdiff train | eval | sample | demo | compare | presets | zeroshot | plot | genppl``.
+"""The subcommands of 0.1: ``train | eval | sample | demo | compare | presets | zeroshot | plot | genppl``.
 
 Each subcommand has a ``_add_<cmd>(sub)`` parser and a thin ``cmd_<cmd>(args)`` that calls a library
-function (:mod:`maskdiff.training`, :mod:`maskdiff.apps`) with keyword arguments and prints. Nothing
-in the package imports this module (``tests/test_layering.py`` keeps it so); the library modules
-are imported inside the handlers so that ``maskdiff --help`` starts fast.
+function (:mod:`maskdiff.training`, :mod:`maskdiff.apps`) with keyword arguments and prints. The
+library modules are imported inside the handlers so that ``maskdiff --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main"]
+__all__ = ["HANDLERS", "add_parsers"]
+
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -181,16 +181,8 @@ def _add_genppl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (flag, value, where to look) with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="maskdiff", description="Masked discrete diffusion (MD4 / GenMD4).")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add this module's subcommands to ``sub``, in the order ``maskdiff --help`` lists them."""
     _add_train(sub)
     _add_eval(sub)
     _add_sample(sub)
@@ -200,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_zeroshot(sub)
     _add_plot(sub)
     _add_genppl(sub)
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,57 +429,3 @@ def cmd_genppl(args: argparse.Namespace) -> int:
 
 HANDLERS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo, "compare": cmd_compare,
             "presets": cmd_presets, "zeroshot": cmd_zeroshot, "plot": cmd_plot, "genppl": cmd_genppl}
-
-
-_USER_ERRORS = (ValueError, LookupError, ImportError, RuntimeError, PermissionError, FileNotFoundError,
-                FileExistsError, IsADirectoryError, NotADirectoryError)
-
-
-def _exit_code(err: BaseException) -> int:
-    """2 for bad input (nothing was done), 1 for a failure of the work itself; an ``exit_code``
-    attribute of the exception decides when it has one."""
-    code = getattr(err, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    import torch
-
-    if isinstance(err, torch.OutOfMemoryError):
-        return 1
-    return 2 if isinstance(err, _USER_ERRORS) else 1  # other OSErrors (disk full, I/O) and bugs: 1
-
-
-def _message(err: BaseException) -> str:
-    """The error as one line, naming the file of an OSError; an unexpected exception (a bug) says so."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, ImportError) and err.name and "install" not in text:
-        return f"{text}: install it (pip install {err.name.split('.')[0]})"
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        fix = {13: "choose a location you may write to", 28: "free some space; files written before are complete",
-               30: "choose a location you may write to"}.get(err.errno or 0, "")
-        return f"{err.filename}: {err.strerror}" + (f"; {fix}" if fix else "")
-    if not isinstance(err, (*_USER_ERRORS, OSError)) and not hasattr(err, "exit_code"):
-        return (f"internal error, {type(err).__name__}: {text} (a bug in maskdiff: please report it; "
-                "MASKDIFF_DEBUG=1 shows the traceback)")
-    return text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand. Every error is one line on stderr: exit code 2 for bad input (nothing was
-    done), 1 when the work itself failed; a traceback only with ``MASKDIFF_DEBUG=1``."""
-    args = build_parser().parse_args(argv)
-    try:
-        return HANDLERS[args.command](args)
-    except KeyboardInterrupt:
-        if os.environ.get("MASKDIFF_DEBUG"):
-            raise
-        print("error: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if os.environ.get("MASKDIFF_DEBUG"):
-            raise
-        print(f"error: {_message(err)}", file=sys.stderr)
-        return _exit_code(err)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m maskdiff.cli``: the same as the ``maskdiff`` command."""
+
+import sys
+
+from maskdiff.cli import main
+
+sys.exit(main())
