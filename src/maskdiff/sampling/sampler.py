@@ -13,7 +13,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -358,6 +358,7 @@ def sample(
     progress: bool = False,
     return_info: bool = False,
     record_every: int | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """Generate ``batch_size`` sequences of ``length`` tokens with the MD4/GenMD4 reverse process.
 
@@ -389,6 +390,9 @@ def sample(
         progress: show a tqdm progress bar.
         return_info: also return a :class:`SampleInfo` (call counts, masks per step, grid).
         record_every: with ``return_info``, record z every this many steps (and the last).
+        on_step: called as ``on_step(step, z)`` with the state z (B, L) (mask id V at masked
+            positions) before the first step (0) and after each step; for live displays. It must
+            not modify z; an exception it raises stops sampling and propagates.
 
     Returns:
         LongTensor (batch_size, length) with tokens in [0, vocab_size), or (tokens, info).
@@ -416,6 +420,8 @@ def sample(
     if fix is not None:
         z = torch.where(fix >= 0, fix, z)
     info.record(0, z)
+    if on_step is not None:
+        on_step(0, z)
 
     steps: Any = range(num_steps)
     if progress:
@@ -435,6 +441,8 @@ def sample(
             denoise.changed(z, z_new)
             z = z_new
             info.record(i + 1, z)
+            if on_step is not None:
+                on_step(i + 1, z)
 
         leftover = z == v
         info.leftover_masks = int(leftover.sum())
