@@ -268,3 +268,192 @@ def test_stream_reports_the_unmasking(client):
     assert [s["tokens"] for s in done["samples"]] == [s["tokens"] for s in states[-1]["samples"]]
     plain = client.post("/v1/generate", json={k: v for k, v in body.items() if k != "stream_every"}).json()
     assert plain["samples"] == done["samples"]  # the same seed gives the same samples in both forms
+
+
+def test_concurrent_requests_share_network_calls_and_keep_their_samples(run_dir):
+    """Eight requests of one length with different steps, grids, temperatures, top-k, seeds and
+    numbers of samples, sampled at once: far fewer network calls than alone, and each request's
+    samples are those it gets alone (its own generator, its own fixed tokens)."""
+    bodies = [{"infill": "the ___ and ___", "gap_length": 5, "steps": 24 + 8 * (k % 2), "seed": k, "top_k": 27 - k,
+               "temperature": 1.0 - 0.1 * (k % 2), "grid": ("cosine", "uniform")[k % 2], "num_samples": 1 + k % 2}
+              for k in range(8)]
+    service = ModelService(run_dir, ServeLimits(max_active=8, batch_window_ms=20))
+    with TestClient(create_app(service)) as c:
+        alone = [c.post("/v1/generate", json=b).json()["samples"] for b in bodies]
+        calls_alone = c.get("/v1/stats").json()["network_calls"]
+        gate = threading.Event()  # hold the network until all eight are in, so that they overlap
+        _gated(service, gate)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(c.post, "/v1/generate", json=b) for b in bodies]
+            deadline = time.monotonic() + 10
+            while c.get("/v1/stats").json()["in_server"] < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            together = [f.result().json()["samples"] for f in futures]
+        stats = c.get("/v1/stats").json()
+    assert together == alone
+    shared_calls = stats["network_calls"] - calls_alone
+    assert stats["network_requests"] == 2 * calls_alone  # every request asked for the same calls again
+    assert shared_calls < calls_alone / 2, stats  # ...and they were shared
+
+
+def _gated(service: ModelService, gate: threading.Event, delay: float = 0.0) -> None:
+    """Make the service's network wait for ``gate`` (and ``delay`` seconds) before every call."""
+    network = service.batcher.network
+
+    def slow(z, t):
+        gate.wait(30)
+        time.sleep(delay)
+        return network(z, t)
+
+    service.batcher.network = slow
+
+
+def test_full_queue_gets_503_and_the_server_recovers(run_dir):
+    service = ModelService(run_dir, ServeLimits(max_active=1, queue_size=1))
+    gate = threading.Event()
+    _gated(service, gate)
+    with TestClient(create_app(service)) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        body = {"length": 16, "steps": 4, "seed": 0}
+        first = [pool.submit(c.post, "/v1/generate", json=body) for _ in range(2)]  # one sampling, one queued
+        deadline = time.monotonic() + 10
+        while c.get("/v1/stats").json()["in_server"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["limit"] == {"max_active": 1, "queue_size": 1}
+        assert c.post("/v1/generate/stream", json=body).status_code == 503
+        gate.set()
+        assert [f.result().status_code for f in first] == [200, 200]
+        assert c.post("/v1/generate", json=body).status_code == 200
+        assert c.get("/v1/stats").json()["rejected"] == 2
+
+
+def test_time_out_is_504_and_sampling_stops(run_dir):
+    service = ModelService(run_dir, ServeLimits(timeout_s=0.3))
+    gate = threading.Event()
+    gate.set()
+    _gated(service, gate, delay=0.02)
+    with TestClient(create_app(service)) as c:
+        start = time.monotonic()
+        r = c.post("/v1/generate", json={"length": 16, "steps": 200, "seed": 0})
+        assert r.status_code == 504 and r.json()["error"]["limit"] == 0.3
+        assert time.monotonic() - start < 3  # stopped at the deadline, not after 200 steps
+        with c.stream("POST", "/v1/generate/stream", json={"length": 16, "steps": 200, "seed": 0}) as s:
+            events = parse_sse(s.iter_lines())
+        assert events[-1][0] == "error" and "time-out" in events[-1][1]["error"]["message"]
+        assert c.get("/v1/stats").json()["timed_out"] == 2
+        assert c.post("/v1/generate", json={"length": 16, "steps": 4}).status_code == 200
+
+
+def test_client_leaving_a_stream_stops_its_sampling(run_dir):
+    service = ModelService(run_dir, ServeLimits())
+    gate = threading.Event()
+    gate.set()
+    _gated(service, gate, delay=0.01)
+    with TestClient(create_app(service)) as c:
+        with c.stream("POST", "/v1/generate/stream", json={"length": 16, "steps": 1000, "stream_every": 1}) as s:
+            lines = s.iter_lines()
+            while not next(lines).startswith("event: step"):
+                pass
+        deadline = time.monotonic() + 5
+        while c.get("/v1/stats").json()["in_server"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.get("/v1/stats").json()["in_server"] == 0  # long before 1,000 steps of 10 ms
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    """A two-step run on 8×8 digits (17 grey levels), trained here: an image run to serve."""
+    out = tmp_path_factory.mktemp("serve-image") / "digits"
+    sets = ["data.corpus=digits", "data.seq_len=64", "model.architecture=transformer", "model.d_model=16",
+            "model.n_layers=1", "model.n_heads=2", "model.class_conditional=false", "train.steps=2",
+            "train.batch_size=4", "train.eval_every=0", "train.save_every=2", "train.num_threads=1"]
+    subprocess.run([sys.executable, "-m", "maskdiff.cli", "train", "--preset", "mnist-md4", "--out", str(out),
+                    "--no-progress", *[a for s in sets for a in ("--set", s)]],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out
+
+
+def test_image_run(image_run):
+    with TestClient(create_app(ModelService(image_run))) as c:
+        info = c.get("/v1/model").json()
+        assert info["vocabulary"] == {"kind": "image", "size": 17} and info["image_shape"] == [8, 8, 1]
+        out = c.post("/v1/generate", json={"num_samples": 2, "steps": 16, "seed": 0}).json()
+        assert [s["shape"] for s in out["samples"]] == [[8, 8, 1]] * 2
+        assert all(len(s["tokens"]) == 64 and 0 <= min(s["tokens"]) and max(s["tokens"]) < 17 for s in out["samples"])
+        with c.stream("POST", "/v1/generate/stream", json={"steps": 16, "seed": 0, "stream_every": 4}) as s:
+            events = parse_sse(s.iter_lines())
+        states = [d for k, d in events if k == "step"]
+        assert states[0]["masked"] == [64] and states[-1]["masked"] == [0] and "pieces" not in states[0]["samples"][0]
+        for field, body in (("prompt", {"prompt": "a"}), ("infill", {"infill": "a ___"}), ("length", {"length": 10})):
+            r = c.post("/v1/generate", json=body)
+            assert r.status_code == 422 and r.json()["error"]["field"] == field
+
+
+# --------------------------------------------------------------------------------------------------
+# A real server process on a free local port.
+# --------------------------------------------------------------------------------------------------
+def test_real_server(run_dir):
+    before = folder_hashes(run_dir)
+    proc, url = start_server(run_dir, "--max-samples", "4")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/v1/model").json()["limits"]["max_samples"] == 4
+            body = {"infill": "the ___ of ___", "gap_length": 6, "num_samples": 2, "steps": 32, "seed": 5}
+            first = http.post("/v1/generate", json=body).json()
+            assert http.post("/v1/generate", json=body).json()["samples"] == first["samples"]
+            for s in first["samples"]:
+                check_template(s["text"], body["infill"], 6)
+            with http.stream("POST", "/v1/generate/stream", json=body) as r:
+                events = parse_sse(r.iter_lines())
+            assert events[-1][0] == "done" and events[-1][1]["samples"] == first["samples"]
+            r = http.post("/v1/generate", json={**body, "num_samples": 5})
+            assert r.status_code == 422 and r.json()["error"] == {
+                "field": "num_samples", "message": "num_samples 5 exceeds this server's limit of 4", "limit": 4}
+            assert http.post("/v1/generate", content=b"{", headers={"content-type": "application/json"}
+                             ).status_code == 400
+            page = http.get("/")
+            assert page.status_code == 200 and "Generate" in page.text
+            assert "http" not in re.sub(r"http://www\.w3\.org[^\"']*", "", page.text)  # nothing from elsewhere
+            assert http.get("/static/app.js").status_code == 200 and http.get("/static/style.css").status_code == 200
+    finally:
+        stop_server(proc)
+    assert folder_hashes(run_dir) == before
+
+
+def test_sigkill_mid_request_leaves_the_run_folder_byte_identical(run_dir):
+    before = folder_hashes(run_dir)
+    proc, url = start_server(run_dir)
+    result: dict = {}
+
+    def long_request() -> None:
+        try:
+            result["r"] = httpx.post(url + "/v1/generate", json={"num_samples": 16, "steps": 1024}, timeout=60)
+        except httpx.HTTPError as err:
+            result["error"] = err
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/v1/stats").json()["network_calls"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/v1/stats").json()["in_server"] == 1  # it is sampling now
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        thread.join(timeout=30)
+    finally:
+        stop_server(proc)
+    assert proc.returncode == -signal.SIGKILL and "error" in result  # the request died with the server
+    assert folder_hashes(run_dir) == before
+
+
+def test_cli_refuses_bad_flags_in_one_line(tmp_path, capsys):
+    from maskdiff.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert main(["serve", str(GOLDEN), "--max-samples", "0"]) == 2
+    assert main(["serve", str(GOLDEN), "--max-length", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "missing" in err[0] and "--max-samples" in err[1] and "100" in err[2]
