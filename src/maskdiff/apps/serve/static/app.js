@@ -130,6 +130,30 @@ function parseEvents(buffer, onEvent) {
   return buffer;
 }
 
+// States are drawn one per frame (FRAME_MS apart), never skipped: a fast server sends them all at
+// once, and the unmasking should still be seen.
+const FRAME_MS = 25;
+const frames = [];
+let drawing = null;
+let drained = null;
+
+function drawNext() {
+  drawing = null;
+  const next = frames.shift();
+  if (next) next();
+  if (frames.length) drawing = setTimeout(drawNext, FRAME_MS);
+  else if (drained) drained();
+}
+
+function enqueue(draw) {
+  frames.push(draw);
+  if (!drawing) drawing = setTimeout(drawNext, 0);
+}
+
+function allDrawn() {
+  return frames.length || drawing ? new Promise((resolve) => { drained = resolve; }) : Promise.resolve();
+}
+
 async function generate(event) {
   event.preventDefault();
   $("error").textContent = "";
@@ -138,6 +162,8 @@ async function generate(event) {
   $("generate").disabled = true;
   $("status").textContent = "waiting for the server…";
   let views = [];
+  let start = null;
+  let failure = null;
   try {
     const res = await fetch("/v1/generate/stream", {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(requestBody()),
@@ -148,13 +174,16 @@ async function generate(event) {
     }
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
-    const onEvent = (kind, data) => {
+    const onEvent = (kind, data) => enqueue(() => {
       if (kind === "start") {
-        views = Array.from({length: data.num_samples}, () => model.vocabulary.kind === "image"
-          ? new ImageView($("output"), model.image_shape, model.vocabulary.size)
-          : new TextView($("output"), data.fixed));
+        start = data;
         $("status").textContent = `seed ${data.settings.seed}, length ${data.length}`;
       } else if (kind === "step") {
+        if (!views.length) {  // drawn from the first state (step 0: fixed text, the rest masked)
+          views = Array.from({length: start.num_samples}, () => model.vocabulary.kind === "image"
+            ? new ImageView($("output"), model.image_shape, model.vocabulary.size)
+            : new TextView($("output"), start.fixed));
+        }
         data.samples.forEach((s, i) => views[i].update(s));
         const left = data.masked.reduce((a, b) => a + b, 0);
         $("status").textContent = `step ${data.step} / ${data.steps}, ${left} masked`;
@@ -162,14 +191,16 @@ async function generate(event) {
         $("status").textContent = `done in ${data.timing.sampling_s.toFixed(2)} s (seed ${data.settings.seed})`;
         $("output").dataset.done = "true";
       } else if (kind === "error") {
-        throw new Error(data.error.message);
+        failure = data.error.message;
       }
-    };
+    });
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
       buffer = parseEvents(buffer + value, onEvent);
     }
+    await allDrawn();
+    if (failure) throw new Error(failure);
   } catch (err) {
     $("error").textContent = String(err.message || err);
     $("status").textContent = "";
