@@ -15,7 +15,7 @@ import sys
 from types import ModuleType
 from typing import Callable, Sequence
 
-from maskdiff.cli import commands, serve
+from maskdiff.cli import commands, lmeval, serve
 from maskdiff.cli.commands import (  # noqa: F401  (names kept importable from maskdiff.cli)
     _parse_paths,
     cmd_compare,
@@ -32,7 +32,7 @@ from maskdiff.cli.commands import (  # noqa: F401  (names kept importable from m
 __all__ = ["main", "build_parser", "HANDLERS", "COMMAND_MODULES"]
 
 #: the modules that add subcommands, in the order ``maskdiff --help`` lists them.
-COMMAND_MODULES: list[ModuleType] = [commands, serve]
+COMMAND_MODULES: list[ModuleType] = [commands, serve, lmeval]
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     name: handler for module in COMMAND_MODULES for name, handler in module.HANDLERS.items()
