@@ -8,10 +8,11 @@ and the checkpoint export all go through these).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from maskdiff.config import DiffusionConfig, RunConfig, unet_channel_mult
-from maskdiff.data import ImageSplits, TokenSplits, load_data
+from maskdiff.data import ImageSplits, TokenSplits, load_data, read_run_tokenizer
 from maskdiff.model import MaskedDiffusion
 from maskdiff.networks import TransformerConfig, UNetConfig, build_network
 from maskdiff.schedules import Schedule, get_schedule
@@ -83,8 +84,15 @@ def build_model(
     return model_from_network(config, build_network(net_cfg))
 
 
-def run_data(config: RunConfig) -> TokenSplits | ImageSplits:
+def run_data(config: RunConfig, run_dir: str | os.PathLike | None = None) -> TokenSplits | ImageSplits:
     """The data a run trains and is evaluated on (its ``data`` section, through
-    :func:`maskdiff.data.load_data`): the trainer, evaluation and plots all call this."""
+    :func:`maskdiff.data.load_data`): the trainer, evaluation and plots all call this.
+
+    ``run_dir``: the run's folder, when it exists. A run on ``data.corpus=files`` keeps its tokenizer
+    there (``tokenizer.json``), and the data is then encoded with exactly that vocabulary, even if the
+    files have changed since training.
+    """
     d = config.data
-    return load_data(d.corpus, seq_len=d.seq_len, path=d.path, cache_dir=d.cache_dir, val_size=d.val_size)
+    vocabulary = read_run_tokenizer(run_dir) if run_dir is not None and d.corpus.lower() == "files" else None
+    return load_data(d.corpus, seq_len=d.seq_len, path=d.path, cache_dir=d.cache_dir, val_size=d.val_size,
+                     tokenizer=d.tokenizer, records=d.records, vocabulary=vocabulary)

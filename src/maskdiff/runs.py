@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from maskdiff.build import model_from_network
 from maskdiff.checkpoint import RunFolderError, load_checkpoint
 from maskdiff.config import RunConfig, config_from_dict
-from maskdiff.data import tokenizer_for
+from maskdiff.data import DataError, read_run_tokenizer, tokenizer_for
 from maskdiff.model import MaskedDiffusion
 from maskdiff.networks import build_network, network_config_from_dict
 
@@ -33,10 +33,15 @@ class LoadedRun:
     model: MaskedDiffusion  # in eval mode
     step: int
     weights: str  # "ema" or "raw"
+    stored_tokenizer: Any = field(default=None, repr=False)  # RUN/tokenizer.json (data.corpus=files runs)
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer of the run's corpus (characters for wiki-char/text8, GPT-2 otherwise)."""
+        """The run's tokenizer: the one stored in its folder (``tokenizer.json``: runs on your own files,
+        whose vocabulary was built from their training split), else the corpus's (characters for
+        wiki-char/text8, GPT-2 otherwise)."""
+        if self.stored_tokenizer is not None:
+            return self.stored_tokenizer
         return tokenizer_for(self.config.data.corpus)
 
 
@@ -139,8 +144,27 @@ def load(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.d
         state.update(ckpt.ema)  # EMA holds every parameter; buffers come from the raw state
         used = "ema"
     _check_agreement(path, config, net_cfg, model, state, ckpt.path)
+    tokenizer = _stored_tokenizer(path, config, net_cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    return LoadedRun(path, config, model.to(device).eval(), int(ckpt.state["step"]), used)
+    return LoadedRun(path, config, model.to(device).eval(), int(ckpt.state["step"]), used, tokenizer)
+
+
+def _stored_tokenizer(path: Path, config: RunConfig, net_cfg: Any) -> Any:
+    """The tokenizer in ``RUN/tokenizer.json`` (None for runs on built-in corpora, which have none),
+    checked against the network's vocabulary."""
+    try:
+        tokenizer = read_run_tokenizer(path)
+    except DataError as err:
+        raise RunFolderError(str(err)) from None
+    if tokenizer is None:
+        if config.data.corpus.lower() == "files":
+            raise RunFolderError(f"{path / 'tokenizer.json'} is missing: a data.corpus=files run keeps its tokenizer "
+                                 "there; restore the file the run was trained with")
+        return None
+    if tokenizer.vocab_size != getattr(net_cfg, "vocab_size", tokenizer.vocab_size):
+        raise RunFolderError(f"{path / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but network.json says "
+                             f"vocab_size={net_cfg.vocab_size}; restore the tokenizer.json the run was trained with")
+    return tokenizer
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:

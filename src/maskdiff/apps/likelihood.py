@@ -90,7 +90,7 @@ def run_eval(run_dir: str | os.PathLike, *, split: str, draws: int = 1, steps: i
     """
     check_eval_args(draws=draws, steps=steps, batch_size=batch_size, max_chunks=max_chunks, weights=weights)
     cfg = runs.read_run_config(run_dir)
-    data = run_data(cfg)
+    data = run_data(cfg, run_dir)  # a run on its own files is encoded with its stored vocabulary
     total = split_size(data, split, cfg.data.seq_len, f"{run_dir}'s data ({cfg.data.corpus})")
     n = max_chunks if max_chunks is not None and max_chunks < total else None
     if out is None:
@@ -210,7 +210,7 @@ def elbo_vs_steps(
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint to evaluate")
     step = int(read_json(ckpt / "state.json")["step"])
-    total = split_size(run_data(config), split, config.data.seq_len, f"{run_dir}'s data ({config.data.corpus})")
+    total = split_size(run_data(config, run_dir), split, config.data.seq_len, f"{run_dir}'s data ({config.data.corpus})")
     n = total if max_chunks is None else min(total, max_chunks)
     weights = "ema" if (ckpt / "ema.safetensors").is_file() else "raw"  # what run_eval's default loads
     want = {"step": step, "seed": seed, "n_sequences": n, "num_time_draws": 1, "weights": weights, "split": split,

@@ -21,14 +21,17 @@ PARALLEL_MODES = ("ddp", "fsdp")  # values of train.parallel
 
 @dataclass
 class DataConfig:
-    """What to train on. ``corpus``: wiki-char, wiki-gpt2, text8, hf:<dataset or local files>, or an
-    image set (mnist, digits, cifar10, imagenet64: every sub-pixel is a token, seq_len = H·W·C)."""
+    """What to train on. ``corpus``: wiki-char, wiki-gpt2, text8, hf:<dataset or local files>, files (your own
+    text files at ``path``: docs/own-data.md), or an image set (mnist, digits, cifar10, imagenet64: every
+    sub-pixel is a token, seq_len = H·W·C)."""
 
     corpus: str = "wiki-char"
     path: str | None = None  # text8(.zip) file, or local files / dataset name for hf:
     seq_len: int = 128
     cache_dir: str | None = None  # default: $MASKDIFF_CACHE or ~/.cache/maskdiff
     val_size: int | None = None  # cifar10/imagenet64: training images held out for validation (None: 5,000/10,000)
+    tokenizer: str | None = None  # files: byte (None), char, gpt2, or a Hugging Face tokenizer.json / its folder
+    records: str | None = None  # files: None (a file is a document), lines, or jsonl:FIELD (one record per line)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class RunConfig:
             raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
         if t.parallel not in PARALLEL_MODES:
             raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {t.parallel!r}")
+        check_file_settings(self.data)
         return self
 
 
@@ -222,6 +226,23 @@ def check_ranges(config: "RunConfig") -> None:
             span = f"≥ {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g})"
             span = span if lo_ok else span.replace("≥", ">").replace("[", "(")
             raise ValueError(f"{key}={value}: must be {what} {span}")
+
+
+def check_file_settings(data: DataConfig) -> None:
+    """``data.tokenizer`` and ``data.records`` apply to ``data.corpus=files`` only; ``data.records`` is
+    ``lines`` or ``jsonl:FIELD``. (A tokenizer path is checked when the data is loaded.)"""
+    if data.corpus.lower() != "files":
+        for key in ("tokenizer", "records"):
+            if getattr(data, key) is not None:
+                raise ValueError(f"data.{key}={getattr(data, key)!r} applies only to data.corpus=files (your own text "
+                                 f"files), not to data.corpus={data.corpus!r}: remove data.{key}")
+        return
+    if data.tokenizer is not None and not data.tokenizer.strip():
+        raise ValueError("data.tokenizer='': name byte, char, gpt2 or a Hugging Face tokenizer.json (or omit it for byte)")
+    records = data.records
+    if records is not None and records != "lines" and not (records.startswith("jsonl:") and records[6:].strip()):
+        raise ValueError(f"data.records={records!r}: expected lines (one record per line) or jsonl:FIELD (one JSON "
+                         "object per line, the record in its string field FIELD)")
 
 
 def unet_channel_mult(model: ModelConfig) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from maskdiff.data.batches import (
 from maskdiff.data.cifar10 import load_cifar10
 from maskdiff.data.corpora import CORPUS_NAMES, load_corpus
 from maskdiff.data.errors import DataError, MissingDependencyError
+from maskdiff.data.files import FileSplits, RecordSplits, load_files
 from maskdiff.data.hf import HF_PRESETS, load_hf_corpus
 from maskdiff.data.image_splits import ImageSplits, eval_image_batches, random_images, shard_images
 from maskdiff.data.imagenet64 import load_imagenet64
@@ -43,6 +44,14 @@ from maskdiff.data.tokenizers import (
     Tokenizer,
     gpt2_tokenizer,
     normalize_text8,
+)
+from maskdiff.data.vocab import (
+    RUN_TOKENIZER_FILE,
+    ByteTokenizer,
+    CharVocabTokenizer,
+    HFTokenizer,
+    OutOfVocabularyError,
+    read_run_tokenizer,
 )
 from maskdiff.data.wiki import WIKI_CHAR_TEST, WIKI_CHAR_TOTAL, load_wiki_char, load_wiki_gpt2
 
@@ -69,6 +78,16 @@ __all__ = [
     "normalize_text8",
     "GPT2_EOT_ID",
     "GPT2_RANKS_SHA256",
+    # your own files (data.corpus=files)
+    "load_files",
+    "FileSplits",
+    "RecordSplits",
+    "ByteTokenizer",
+    "CharVocabTokenizer",
+    "HFTokenizer",
+    "OutOfVocabularyError",
+    "read_run_tokenizer",
+    "RUN_TOKENIZER_FILE",
     # corpora
     "TokenSplits",
     "SPLIT_NAMES",

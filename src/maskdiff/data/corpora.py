@@ -12,6 +12,8 @@ name                    corpus
 ``"hf:<id-or-builder>"``  any ``datasets`` corpus with a text column, e.g.
                         ``"hf:Skylion007/openwebtext"`` or ``"hf:json"`` + ``path=``
 ``"hf"``                local files given by ``path=`` (format from the suffix)
+``"files"``             your own text files (``path=``), with ``tokenizer=`` byte, char, gpt2
+                        or a Hugging Face tokenizer, ``records=`` (see :mod:`~maskdiff.data.files`)
 ======================  ===========================================================
 """
 
@@ -21,6 +23,7 @@ import os
 from typing import Any
 
 from maskdiff.data.errors import DataError
+from maskdiff.data.files import load_files
 from maskdiff.data.hf import HF_PRESETS, load_hf_corpus
 from maskdiff.data.splits import TokenSplits
 from maskdiff.data.text8 import load_text8
@@ -28,7 +31,7 @@ from maskdiff.data.wiki import load_wiki_char, load_wiki_gpt2
 
 __all__ = ["load_corpus", "CORPUS_NAMES"]
 
-CORPUS_NAMES = ("wiki-char", "wiki-gpt2", "text8", *HF_PRESETS, "hf", "hf:<dataset>")
+CORPUS_NAMES = ("wiki-char", "wiki-gpt2", "text8", *HF_PRESETS, "hf", "hf:<dataset>", "files")
 
 
 def load_corpus(
@@ -62,6 +65,8 @@ def load_corpus(
         return load_wiki_gpt2(path=path, cache_dir=cache_dir, **kw)
     if name == "text8":
         return load_text8(path=path, cache_dir=cache_dir, **kw)
+    if name == "files":
+        return load_files(path, cache_dir=cache_dir, **kw)
     if name in HF_PRESETS:
         preset = dict(HF_PRESETS[name])
         if path is not None:  # a local copy replaces the Hub id and its config

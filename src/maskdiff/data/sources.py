@@ -25,7 +25,8 @@ PathLike = str | os.PathLike[str]
 
 def load_data(corpus: str, *, seq_len: int, path: PathLike | None = None,
               cache_dir: PathLike | None = None, val_size: int | None = None,
-              check_splits: bool = True) -> TokenSplits | ImageSplits:
+              check_splits: bool = True, tokenizer: str | None = None, records: str | None = None,
+              vocabulary: Tokenizer | None = None) -> TokenSplits | ImageSplits:
     """The run's data: a text corpus (token streams) or an image set (one row per image).
 
     Every problem found here is one line naming the file or ``data.*`` key and the fix (a
@@ -38,6 +39,10 @@ def load_data(corpus: str, *, seq_len: int, path: PathLike | None = None,
             imagenet64 only; None: the data set's standard 5,000 / 10,000).
         check_splits: check that every split holds at least one chunk of ``seq_len`` tokens (one
             image) with :meth:`~maskdiff.data.splits.TokenSplits.check_eval_splits`.
+        tokenizer, records: ``data.tokenizer`` and ``data.records`` (``data.corpus=files`` only; see
+            :mod:`maskdiff.data.files`).
+        vocabulary: ``files`` only: encode with this tokenizer (a run's stored one) instead of the
+            one ``tokenizer`` names or builds.
 
     Raises:
         DataError (a ValueError): malformed files, a split shorter than one chunk, a setting that
@@ -46,8 +51,12 @@ def load_data(corpus: str, *, seq_len: int, path: PathLike | None = None,
     key = corpus.lower()
     image = key in IMAGE_DATASETS
     _check_settings(corpus, key, image, path, val_size)
+    _check_file_settings(corpus, key, path, tokenizer, records, vocabulary)
     try:
-        if image:
+        if key == "files":
+            data = load_corpus("files", path=path, cache_dir=cache_dir, tokenizer=tokenizer, records=records,
+                               seq_len=seq_len, vocabulary=vocabulary)
+        elif image:
             kwargs = {} if key in _BUNDLED_IMAGES else {"cache_dir": cache_dir}
             if val_size is not None:
                 kwargs["val_size"] = val_size
@@ -80,8 +89,29 @@ def _check_settings(corpus: str, key: str, image: bool, path: PathLike | None, v
         )
 
 
+def _check_file_settings(corpus: str, key: str, path: PathLike | None, tokenizer: str | None, records: str | None,
+                         vocabulary: Tokenizer | None) -> None:
+    """``data.tokenizer``/``data.records`` belong to ``data.corpus=files``, which needs ``data.path``."""
+    if key != "files":
+        given = [k for k, v in (("data.tokenizer", tokenizer), ("data.records", records)) if v is not None]
+        if given or vocabulary is not None:
+            what = " and ".join(given) or "a stored vocabulary"
+            raise DataError(f"{what} apply only to data.corpus=files (your own text files), not to "
+                            f"data.corpus={corpus!r}: remove {' and '.join(given) or 'it'}")
+    elif path is None:
+        raise DataError("data.corpus=files reads your own text files: set data.path=<a file, a glob such as "
+                        "'texts/*.txt', or a folder>")
+
+
 def tokenizer_for(corpus: str) -> Tokenizer:
-    """The tokenizer of a text corpus: characters for wiki-char/text8, GPT-2 BPE otherwise."""
+    """The tokenizer of a text corpus: characters for wiki-char/text8, GPT-2 BPE otherwise.
+
+    A ``data.corpus=files`` run keeps its tokenizer in its run folder (``tokenizer.json``, read by
+    ``maskdiff.load(run).tokenizer``); asking for it here is an error that says so.
+    """
+    if corpus.lower() == "files":
+        raise DataError("the tokenizer of a data.corpus=files run is stored in its run folder (tokenizer.json): "
+                        "use maskdiff.load(RUN).tokenizer or maskdiff.data.read_run_tokenizer(RUN)")
     if corpus in CHAR_CORPORA:
         return CharTokenizer()
     return GPT2Tokenizer()

@@ -144,7 +144,10 @@ class Trainer(RunState):
         """Data streams, model, EMA, optimiser; the checkpoint when resuming, the run files when not."""
         cfg = self.config
         # Data: this process's streams (stream k reads shard k of the training data).
-        self.data = data if data is not None else run_data(cfg)
+        # A resumed run encodes its data with the tokenizer its folder keeps (data.corpus=files).
+        if data is None:
+            data = run_data(cfg, self.out_dir) if resume else run_data(cfg)
+        self.data = data
         self.vocab_size = self.data.vocab_size
         self.use_labels = cfg.model.class_conditional and self.data.num_classes > 0
         self.streams = Streams(
@@ -213,6 +216,8 @@ class Trainer(RunState):
         write_json_atomic(self.out_dir / "meta.json", {
             **environment_info(), "vocab_size": self.vocab_size, "data": self.data.sizes(), **self.data.meta(),
         })
+        for name, content in getattr(self.data, "run_files", dict)().items():  # e.g. the tokenizer of own files
+            write_json_atomic(self.out_dir / name, content)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         """bf16 unless ``train.dtype`` is fp32 (or ``auto`` off CUDA)."""

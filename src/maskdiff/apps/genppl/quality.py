@@ -395,7 +395,7 @@ def reference_quality(
     loaded = _load_run(run, dev)
     cfg, tok = loaded.config, loaded.tokenizer
     length = length or cfg.data.seq_len
-    data = np.asarray(run_data(cfg).split(split))
+    data = np.asarray(run_data(cfg, loaded.path).split(split))
     chunks = len(data) // length
     if chunks < 1:
         raise ValueError(f"the {split} split has fewer than {length} tokens")
