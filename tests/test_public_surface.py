@@ -44,6 +44,15 @@ def test_signature_only_grows(now, name):
     assert signature_grows(OLD["signatures"][name], now["signatures"][name]) == []
 
 
+def flag_kept(old, new):
+    """A flag keeps its spec; its choices may only grow (the old ones first, in their order)."""
+    if new is None or {k: v for k, v in new.items() if k != "choices"} != {k: v for k, v in old.items() if k != "choices"}:
+        return False
+    if old["choices"] is None or new["choices"] is None:
+        return old["choices"] == new["choices"]
+    return new["choices"][: len(old["choices"])] == old["choices"]
+
+
 def test_cli_flags_and_defaults_kept(now):
     missing = []
     for cmd, options in OLD["cli"].items():
@@ -51,9 +60,19 @@ def test_cli_flags_and_defaults_kept(now):
             missing.append(f"subcommand {cmd}")
             continue
         for flag, spec in options.items():
-            if now["cli"][cmd].get(flag) != spec:
+            if not flag_kept(spec, now["cli"][cmd].get(flag)):
                 missing.append(f"{cmd} {flag}: {spec} -> {now['cli'][cmd].get(flag)}")
     assert missing == []
+
+
+def test_flag_check_has_power():
+    old = {"dest": "sampler", "default": "ancestral", "choices": ["ancestral", "mean"], "nargs": None}
+    assert flag_kept(old, old) and flag_kept(old, {**old, "choices": ["ancestral", "mean", "first-hitting"]})
+    assert not flag_kept(old, {**old, "choices": ["ancestral"]})
+    assert not flag_kept(old, {**old, "choices": ["mean", "ancestral"]})
+    assert not flag_kept(old, {**old, "default": "mean"})
+    assert not flag_kept(old, {**old, "choices": None})
+    assert not flag_kept(old, None)
 
 
 def test_signature_check_has_power():

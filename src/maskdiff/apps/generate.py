@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -95,11 +95,16 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
                     prompt: str | None = None, suffix: str | None = None, infill: str | None = None,
                     gap: str = "___", gap_length: int = 16, seed: int = 0, cache: bool = True,
                     device: str = "auto", progress: bool = True, compute: str = "auto",
+                    sampler_options: Mapping[str, Any] | None = None, block_length: int | None = None,
                     ) -> tuple[torch.Tensor, dict[str, Any], runs.LoadedRun]:
     """Sample ``num`` token sequences from a text run folder (or an already loaded run).
 
     Returns (tokens (num, length) on the CPU, settings, the loaded run). Bad requests raise
     ValueError naming the fix (the command line prints them as one line).
+
+    ``sampler`` is a registry name (:func:`maskdiff.sampling.sampler_names`) and
+    ``sampler_options`` its options (values may be text: the sampler converts them);
+    ``block_length`` generates in blocks of that many positions with the sampler inside a block.
 
     ``compute``: ``fp32`` (the network in float32), ``bf16`` (autocast, CUDA), ``bf16-graph``
     (autocast, replayed from a CUDA graph: :class:`~maskdiff.sampling.cuda_graph.GraphDenoiser`); ``auto`` is
@@ -127,17 +132,35 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
         raise ValueError(f"--compute {compute} needs a CUDA device; use --compute fp32 on {dev}")
     denoiser = model.denoiser if compute == "fp32" else GraphDenoiser(
         model.network, num, length, dtype=torch.bfloat16, use_graph=compute == "bf16-graph")
-    tokens = sample(
+    options = _sampler_options(sampler_options, block_length)
+    tokens, info = sample(
         denoiser, model.schedule, batch_size=num, length=length, vocab_size=model.vocab_size,
         num_steps=steps, grid=grid, generator=generator, sampler=sampler, temperature=temperature,
         top_k=top_k, top_p=top_p, precision=precision, cache=(cache and time_agnostic), time_agnostic=time_agnostic,
-        fixed=fixed, device=dev, progress=progress,
+        fixed=fixed, device=dev, progress=progress, return_info=True, **options,
     )
     settings = dict(run=str(run.path), step=run.step, weights=run.weights, steps=steps, grid=grid, sampler=sampler,
                     top_p=top_p, top_k=top_k, temperature=temperature, precision=precision, seed=seed, length=length,
                     prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None,
                     compute=compute, cache=bool(cache and time_agnostic))
+    if options:  # the sampler's options as it read them (a default run's settings stay as in 0.1)
+        settings.update(sampler_options=_jsonable(info.sampler_options), block_length=block_length,
+                        network_calls_per_sample=info.nfe_per_sample)
     return tokens.cpu(), settings, run
+
+
+def _sampler_options(options: Mapping[str, Any] | None, block_length: int | None) -> dict[str, Any]:
+    """The keyword options for ``sample(**options)``: the sampler's, plus ``block_length`` when given."""
+    out = dict(options or {})
+    if block_length is not None:
+        positive_int("--block-length", block_length)
+        out["block_length"] = block_length
+    return out
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values that JSON can hold as they are; others (a wrapped sampler) by their repr."""
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in options.items()}
 
 
 def generate_text(run_dir: str | Any, **kwargs: Any) -> tuple[list[str], dict[str, Any]]:
@@ -145,7 +168,7 @@ def generate_text(run_dir: str | Any, **kwargs: Any) -> tuple[list[str], dict[st
 
     Keyword arguments are those of :func:`generate_tokens` (num, length, steps, grid, sampler,
     top_p, top_k, temperature, precision, prompt, suffix, infill, gap, gap_length, seed, cache,
-    device, progress, compute).
+    device, progress, compute, sampler_options, block_length).
     """
     tokens, settings, run = generate_tokens(run_dir, **kwargs)
     return [run.tokenizer.decode(row.tolist()) for row in tokens], settings
@@ -207,8 +230,11 @@ def sample_destination(run_dir: str | os.PathLike, *, out: str | os.PathLike | N
 def generate_images(run: runs.LoadedRun, *, num: int = 16, steps: int = 256, grid: str = "cosine",
                     labels: Any = None, guidance: float = 0.0, seed: int = 0, precision: str = "float64",
                     temperature: float = 1.0, top_p: float | None = None, record_every: int | None = None,
-                    device: str | torch.device = "cpu", progress: bool = True) -> tuple[torch.Tensor, SampleInfo]:
-    """Sample images (num, H·W·C) from a loaded image run; returns (tokens, SampleInfo)."""
+                    device: str | torch.device = "cpu", progress: bool = True, sampler: str = "ancestral",
+                    sampler_options: Mapping[str, Any] | None = None, block_length: int | None = None,
+                    ) -> tuple[torch.Tensor, SampleInfo]:
+    """Sample images (num, H·W·C) from a loaded image run; returns (tokens, SampleInfo). ``sampler``,
+    ``sampler_options`` and ``block_length`` as in :func:`generate_tokens`."""
     model = run.model
     y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device)
     denoiser = model.guided_denoiser(y, guidance) if y is not None else model.denoiser
@@ -217,17 +243,21 @@ def generate_images(run: runs.LoadedRun, *, num: int = 16, steps: int = 256, gri
         denoiser, model.schedule, batch_size=num, length=model.network.seq_len, vocab_size=model.vocab_size,
         num_steps=steps, grid=grid, generator=torch.Generator(device=device).manual_seed(seed),
         temperature=temperature, top_p=top_p, precision=precision, cache=time_agnostic, time_agnostic=time_agnostic,
-        device=device, progress=progress, return_info=True, record_every=record_every,
+        device=device, progress=progress, return_info=True, record_every=record_every, sampler=sampler,
+        **_sampler_options(sampler_options, block_length),
     )
 
 
 def write_image_samples(run: runs.LoadedRun, out: Path, *, num: int = 16, per_class: int | None = None,
                         label: int | None = None, strip: bool = False, steps: int = 256, grid: str = "cosine",
                         guidance: float = 0.0, seed: int = 0, precision: str = "float64", temperature: float = 1.0,
-                        top_p: float | None = None, device: str | torch.device = "cpu") -> list[Path]:
+                        top_p: float | None = None, device: str | torch.device = "cpu", sampler: str = "ancestral",
+                        sampler_options: Mapping[str, Any] | None = None, block_length: int | None = None,
+                        ) -> list[Path]:
     """Sample an image run and write a PNG grid (one row per class with ``per_class``) to ``out``,
     plus ``<out>-strip.png`` of the unmasking over time with ``strip``. Never overwrites a file.
-    Returns the paths written."""
+    Returns the paths written. ``sampler``, ``sampler_options``, ``block_length``: as in
+    :func:`generate_tokens`."""
     net = run.model.network
     shape = tuple(net.config.image_shape)
     if out.exists():
@@ -247,7 +277,8 @@ def write_image_samples(run: runs.LoadedRun, out: Path, *, num: int = 16, per_cl
     with torch.no_grad():
         tokens, info = generate_images(run, num=num, steps=steps, grid=grid, labels=labels, guidance=guidance,
                                        seed=seed, precision=precision, temperature=temperature, top_p=top_p,
-                                       record_every=record, device=device)
+                                       record_every=record, device=device, sampler=sampler,
+                                       sampler_options=sampler_options, block_length=block_length)
     tokens = tokens.cpu()
     if per_class:
         class_grid(tokens, labels, shape, per_class=per_class, num_classes=net.num_classes, path=out,

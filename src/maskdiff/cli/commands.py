@@ -55,7 +55,17 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the run's seq_len)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps T")
     p.add_argument("--grid", default="cosine", choices=["cosine", "uniform"])
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "mean"])
+    # The registry names cost no sampler import; docs/samplers.md describes them.
+    from maskdiff.sampling.registry import sampler_names
+
+    p.add_argument("--sampler", default="ancestral", choices=list(sampler_names()),
+                   help="the sampler (docs/samplers.md: which are exact, their options); "
+                        "--sampler-option help describes the chosen one")
+    p.add_argument("--sampler-option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the chosen sampler, e.g. --sampler-option tau=0.9 (repeatable); "
+                        "--sampler-option help lists the sampler's options")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="generate left to right in blocks of this many positions, with --sampler inside each block")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -240,15 +250,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampler_options(pairs: Sequence[str]) -> dict[str, str]:
+    """``--sampler-option KEY=VALUE`` (repeated) as a dict of texts; the sampler converts them."""
+    from maskdiff.apps.checks import UsageError
+
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise UsageError(f"--sampler-option {pair!r}: write KEY=VALUE, e.g. --sampler-option tau=0.9 "
+                             "(--sampler-option help lists the options)")
+        if key in options:
+            raise UsageError(f"--sampler-option {key} is given twice")
+        options[key] = value.strip()
+    return options
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from maskdiff.apps.checks import check_finite_weights
+    from maskdiff.apps.checks import check_finite_weights, positive_int
     from maskdiff.apps.generate import check_sample_request, generate_text, sample_destination, write_image_samples
     from maskdiff.devices import resolve_device
     from maskdiff.runs import load
+    from maskdiff.sampling.registry import get_sampler, sampler_class
 
+    if "help" in args.sampler_options:
+        print(sampler_class(args.sampler).describe())
+        return 0
     # Everything that can be refused is refused before the weights are loaded and sampled.
+    options = _sampler_options(args.sampler_options)
+    positive_int("--block-length", args.block_length)
+    get_sampler(args.sampler, {**options, "block_length": args.block_length})  # unknown or bad options
     check_sample_request(num=args.num, steps=args.steps, length=args.length, top_p=args.top_p, top_k=args.top_k,
                          temperature=args.temperature, guidance=args.guidance, per_class=args.per_class, gap=args.gap,
                          gap_length=args.gap_length, infill=args.infill, prompt=args.prompt, suffix=args.suffix)
@@ -262,7 +296,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         written = write_image_samples(
             run, out, num=args.num, per_class=args.per_class, label=args.label, strip=args.strip, steps=args.steps,
             grid=args.grid, guidance=args.guidance, seed=args.seed, precision=args.precision,
-            temperature=args.temperature, top_p=args.top_p, device=dev)
+            temperature=args.temperature, top_p=args.top_p, device=dev, sampler=args.sampler,
+            sampler_options=options, block_length=args.block_length)
         print(f"wrote the samples to {written[0]}", file=sys.stderr)
         if len(written) > 1:
             print(f"wrote the unmasking strip to {written[1]}", file=sys.stderr)
@@ -273,6 +308,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             top_p=args.top_p, top_k=args.top_k, temperature=args.temperature, precision=args.precision,
             prompt=args.prompt, suffix=args.suffix, infill=args.infill, gap=args.gap, gap_length=args.gap_length,
             seed=args.seed, cache=not args.no_cache, device=args.device, compute=args.compute,
+            sampler_options=options, block_length=args.block_length,
         )
     if out is not None:
         from maskdiff.fileio import atomic_write

@@ -59,16 +59,28 @@ the mask id at free positions. Fixed tokens start unmasked and are never changed
 :func:`make_fixed` (prompt prefix, suffix, arbitrary positions) and :func:`fixed_from_template`
 ("the ___ sat on the ___" with gaps of a given number of tokens).
 
+Samplers
+--------
+:func:`sample` runs one of the samplers named by :func:`sampler_names` (docs/samplers.md: which
+are exact, what each preserves, their knobs and network calls). :mod:`~maskdiff.sampling.base`
+defines the interface (:class:`Sampler`) and says how to add one; :mod:`~maskdiff.sampling.registry`
+names them.
+
 Modules
 -------
 :mod:`~maskdiff.sampling.categorical` (logit transforms, exact and float32 draws),
 :mod:`~maskdiff.sampling.steps` (time grids, α, the reverse step),
-:mod:`~maskdiff.sampling.conditioning` (fixed positions), :mod:`~maskdiff.sampling.sampler`
-(:func:`sample`). :mod:`maskdiff.sampling.cuda_graph` (``GraphDenoiser``, a bf16 denoiser
-replayed from a CUDA graph) is not imported here: import it by its module path.
+:mod:`~maskdiff.sampling.conditioning` (fixed positions), :mod:`~maskdiff.sampling.context`
+(:class:`SamplingContext`, :class:`SampleInfo`, the counted denoiser),
+:mod:`~maskdiff.sampling.base` (:class:`Sampler`), :mod:`~maskdiff.sampling.registry`,
+:mod:`~maskdiff.sampling.sampler` (:func:`sample`), the samplers by family:
+:mod:`~maskdiff.sampling.ancestral` (``ancestral``, ``mean``).
+:mod:`maskdiff.sampling.cuda_graph` (``GraphDenoiser``, a bf16 denoiser replayed from a CUDA
+graph) is not imported here: import it by its module path.
 """
 
 from maskdiff.forward import Denoiser
+from maskdiff.sampling.base import Sampler, UnknownOption
 from maskdiff.sampling.categorical import (
     FLOAT32_GUMBEL_MAX,
     Precision,
@@ -82,7 +94,8 @@ from maskdiff.sampling.categorical import (
     transform_logits,
 )
 from maskdiff.sampling.conditioning import FREE, _as_token_rows, _prepare_fixed, fixed_from_template, make_fixed
-from maskdiff.sampling.registry import sampler_names
+from maskdiff.sampling.context import SamplingContext
+from maskdiff.sampling.registry import get_sampler, sampler_class, sampler_names
 from maskdiff.sampling.sampler import (
     SampleInfo,
     _check_sample_args,
@@ -123,4 +136,9 @@ __all__ = [
     "fixed_from_template",
     "sample",
     "sampler_names",
+    "sampler_class",
+    "get_sampler",
+    "Sampler",
+    "SamplingContext",
+    "UnknownOption",
 ]

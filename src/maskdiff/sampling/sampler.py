@@ -1,183 +1,33 @@
-"""The sampling loop: :func:`sample`, and :class:`SampleInfo`, what it reports.
+"""The one entry point :func:`sample`: checks, the shared context, dispatch to a sampler.
 
-:func:`sample` checks its arguments (:func:`_check_sample_args`), then applies one reverse step
-(:func:`~maskdiff.sampling.steps.ancestral_step` or :func:`~maskdiff.sampling.steps.mean_step`)
-per interval of the time grid. Its calls to the denoiser go through :class:`_DenoiserCalls`,
-which counts them, checks the logits and, for a time-agnostic denoiser, reuses the previous
-output while no token changed (docs/math.md, "Caching for time-agnostic denoisers").
+:func:`sample` checks its arguments (:func:`_check_sample_args`), resolves ``sampler=`` (a
+registry name with its ``**options``, or a :class:`~maskdiff.sampling.base.Sampler` object),
+builds one :class:`~maskdiff.sampling.context.SamplingContext` and runs the sampler on it. Its
+calls to the denoiser go through :class:`~maskdiff.sampling.context._DenoiserCalls`, which counts
+them, checks the logits and, for a time-agnostic denoiser, reuses the previous output while no
+token changed (docs/math.md, "Caching for time-agnostic denoisers"). :class:`SampleInfo` is what
+it reports.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from maskdiff.forward import Denoiser
+from maskdiff.sampling.base import Sampler
 from maskdiff.sampling.categorical import Precision, _check_precision, _check_transform_args
 from maskdiff.sampling.conditioning import _prepare_fixed
-from maskdiff.sampling.steps import (
-    LogitsSource,
-    _check_grid,
-    _resolve_logits,
-    ancestral_step,
-    mean_step,
-    time_grid,
-    vocab_alpha,
-)
+from maskdiff.sampling.context import SampleInfo, SamplingContext, _DenoiserCalls
+from maskdiff.sampling.registry import get_sampler
+from maskdiff.sampling.steps import LogitsSource, _check_grid, ancestral_step, mean_step, time_grid, vocab_alpha
 from maskdiff.schedules import Schedule
 
-__all__ = ["SampleInfo", "sample"]
-
-
-@dataclass
-class SampleInfo:
-    """What :func:`sample` did. Shapes use B = batch size, T = number of steps."""
-
-    num_steps: int
-    #: network invocations, including the final fill call if one was needed.
-    denoiser_calls: int = 0
-    #: sequences evaluated in total (Σ over calls of the batch size of each call).
-    denoiser_rows: int = 0
-    #: steps whose denoiser output came from the cache (time-agnostic denoisers only).
-    cache_hits: int = 0
-    #: steps that needed no denoiser output at all (lazy evaluation: nothing could unmask).
-    lazy_skips: int = 0
-    #: masks left after the last step and filled with the argmax of one more denoiser call.
-    leftover_masks: int = 0
-    #: the time grid used, (T + 1,).
-    times: Tensor = field(default_factory=lambda: torch.empty(0))
-    #: masks per sequence before the first step and after each step, (T + 1, B) (fixed
-    #: positions never count).
-    num_masked: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    #: states z (mask id V at masked positions) after the steps in ``trajectory_steps``,
-    #: (K, B, L), for a visualisation strip; None unless ``record_every`` was given.
-    trajectory: Tensor | None = None
-    trajectory_steps: list[int] = field(default_factory=list)
-    batch_size: int = 0
-    #: V, the mask id that :meth:`record` counts.
-    vocab_size: int | None = None
-    #: :meth:`record` keeps z every this many steps (and after the last); None keeps no states.
-    record_every: int | None = None
-    _masked: list[Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
-    _states: list[Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
-
-    @property
-    def nfe_per_sample(self) -> float:
-        """Denoiser evaluations per generated sequence."""
-        return self.denoiser_rows / max(self.batch_size, 1)
-
-    def record(self, step: int, z: Tensor) -> None:
-        """Note the state z (B, L) after ``step`` steps (0 = before the first).
-
-        Counts its masks per sequence (for ``num_masked``) and, when ``record_every`` divides
-        ``step`` or ``step`` is the last one, keeps a copy of z (for ``trajectory``). Tensors stay
-        on z's device until :meth:`_finish` stacks them on the CPU.
-        """
-        if self.vocab_size is None:
-            raise ValueError("SampleInfo.record needs vocab_size (the mask id) to count masks")
-        self._masked.append((z == self.vocab_size).sum(1))
-        if self.record_every is not None and (step % self.record_every == 0 or step == self.num_steps):
-            self._states.append(z.clone())
-            self.trajectory_steps.append(step)
-
-    def _finish(self) -> None:
-        """Stack what :meth:`record` kept into ``num_masked`` (T + 1, B) and ``trajectory`` (K, B, L)."""
-        self.num_masked = torch.stack(self._masked).cpu()
-        if self.record_every is not None:
-            self.trajectory = torch.stack(self._states).cpu()
-        self._masked, self._states = [], []
-
-
-class _DenoiserCalls:
-    """The sampler's calls to the denoiser: counts, a finite-logit check and an optional cache.
-
-    ``denoise(z, t)`` returns logits (B, L, V) for the state z (B, L) at the scalar time t (a
-    0-d tensor), calling ``denoiser(z, t as float32 (B,))``. With ``use_cache`` (exact only for a
-    time-agnostic denoiser, whose output depends on z alone) the previous output is returned
-    while no row changed since it was computed; the caller reports changes with
-    :meth:`changed`. ``cache_scope="row"`` re-evaluates only the changed rows and writes them
-    into a copy of the cached output.
-
-    Attributes:
-        calls: denoiser invocations; rows: sequences evaluated in total (Σ of each call's batch
-            size); cache_hits: requests answered from the cache.
-        cached: the last output (B, L, V), or None; dirty: (B,) bool, rows changed since then.
-    """
-
-    def __init__(
-        self,
-        denoiser: Denoiser,
-        batch_size: int,
-        length: int,
-        vocab_size: int,
-        *,
-        use_cache: bool = False,
-        cache_scope: Literal["batch", "row"] = "batch",
-        device: torch.device | str | None = None,
-    ) -> None:
-        self.denoiser = denoiser
-        self.length = length
-        self.vocab_size = vocab_size
-        self.use_cache = use_cache
-        self.cache_scope = cache_scope
-        self.cached: Tensor | None = None
-        self.dirty = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.calls = 0
-        self.rows = 0
-        self.cache_hits = 0
-
-    @property
-    def requests(self) -> int:
-        """How often logits were asked for: each request is one call or one cache hit."""
-        return self.calls + self.cache_hits
-
-    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
-        """Logits (B, L, V) for z (B, L) at time t (0-d), from the cache when nothing changed."""
-        if not self.use_cache:
-            return self._evaluate(z, t)
-        if self.cached is not None and not bool(self.dirty.any()):
-            self.cache_hits += 1
-            return self.cached
-        if self.cached is None or self.cache_scope == "batch" or bool(self.dirty.all()):
-            self.cached = self._evaluate(z, t)
-        else:
-            rows = self.dirty.nonzero(as_tuple=True)[0]
-            cached = self.cached.clone()
-            cached[rows] = self._evaluate(z[rows], t).to(cached.dtype)
-            self.cached = cached
-        self.dirty.zero_()
-        return self.cached
-
-    def changed(self, z_old: Tensor, z_new: Tensor) -> None:
-        """Mark the rows in which z_new (B, L) differs from z_old as changed since the cached output."""
-        self.dirty |= (z_new != z_old).any(1)
-
-    def _evaluate(self, z: Tensor, t: Tensor) -> Tensor:
-        """One denoiser call on z (N, L) at time t (0-d), counted and checked: logits (N, L, V)."""
-        n = z.shape[0]
-        logits = self.denoiser(z, t.to(torch.float32).expand(n).contiguous())
-        self.calls += 1
-        self.rows += n
-        if not isinstance(logits, Tensor) or tuple(logits.shape) != (n, self.length, self.vocab_size):
-            _resolve_logits(logits, n, self.length, self.vocab_size)  # raises with a clear message
-        self.check_finite(logits)
-        return logits
-
-    @staticmethod
-    def check_finite(logits: Tensor) -> None:
-        """Raise ValueError on NaN or +inf logits or a row whose logits are all -inf (-inf alone is allowed)."""
-        if not bool(torch.isfinite(logits).all()) and (  # one pass when all finite
-            bool(torch.isnan(logits).any())
-            or bool(torch.isposinf(logits).any())
-            or bool((logits.amax(-1) == -math.inf).any())
-        ):
-            raise ValueError("denoiser returned NaN/+inf logits or a row with every logit -inf")
+__all__ = ["SampleInfo", "SamplingContext", "sample"]
 
 
 #: Largest block of a per-token schedule's α table, in elements (2**20 float64: 8 MiB): α over
@@ -211,6 +61,27 @@ class _GridAlphas:
             self.blocks[k] = vocab_alpha(self.schedule, times, self.vocab_size, dtype=torch.float64)
         j = i - k * self.rows
         return self.blocks[k][j : j + 1]
+
+
+def _grid_loop(ctx: SamplingContext, kind: Literal["ancestral", "mean"]) -> None:
+    """One :func:`ancestral_step` or :func:`mean_step` per grid interval, then the leftover fill
+    (0.1's loop, unchanged). Only the float64 ancestral step can decide without μ (lazy
+    evaluation: it gets a callable for the logits); the others get the logits up front.
+    """
+    step_fn = ancestral_step if kind == "ancestral" else mean_step
+    lazy = ctx.lazy and kind == "ancestral" and ctx.precision == "float64"
+    alphas = ctx.grid_alphas()
+    times, z = ctx.times, ctx.z
+    for i in ctx.steps(ctx.num_steps):
+        requests = ctx.calls.requests
+        source: LogitsSource = (lambda z_=z, t_=times[i]: ctx.denoise(z_, t_))
+        if not lazy:
+            source = source()
+        z_new = step_fn(z, source, alphas[i], alphas[i + 1], **ctx.draw)  # α in float64 for either precision
+        if ctx.calls.requests == requests:
+            ctx.info.lazy_skips += 1
+        z = ctx.advance(z_new, i + 1)
+    ctx.fill_leftover(times[-1])
 
 
 def _owner(denoiser: Any) -> Any:
@@ -258,7 +129,7 @@ def _check_sample_args(
     length: int,
     vocab_size: int,
     num_steps: int,
-    sampler: str,
+    sampler: str | Sampler,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
@@ -270,11 +141,14 @@ def _check_sample_args(
     device: torch.device | str | None,
     return_info: bool,
     record_every: int | None,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[bool, torch.device]:
     """Check :func:`sample`'s arguments (same names) and resolve the cache setting and the device.
 
-    Raises ValueError naming the first bad argument, in signature order, then the combinations:
-    ``sampler="mean"`` with a per-token schedule, ``cache=True`` or ``time_agnostic=True`` with a
+    Raises ValueError naming the first bad argument, in signature order (``sampler`` with its
+    ``options``: :func:`~maskdiff.sampling.registry.get_sampler`; an unknown option is a
+    TypeError), then the combinations: a schedule the sampler cannot use (``sampler="mean"``
+    with a per-token schedule), ``cache=True`` or ``time_agnostic=True`` with a
     time-conditioned denoiser, a generator on another device type. Warns when the denoiser (or
     its owner) is an ``nn.Module`` in training mode. The time grid and ``fixed`` are checked
     where they are prepared (:func:`time_grid`/``_check_grid``, ``_prepare_fixed``).
@@ -289,8 +163,7 @@ def _check_sample_args(
             raise ValueError(f"{name} must be a positive int, got {val!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    if sampler not in ("ancestral", "mean"):
-        raise ValueError(f"sampler must be 'ancestral' or 'mean', got {sampler!r}")
+    sampler_obj = get_sampler(sampler, options)
     _check_precision(precision)
     _check_transform_args(temperature, top_k, top_p)
     if isinstance(cache, str):
@@ -307,11 +180,7 @@ def _check_sample_args(
             raise ValueError(f"record_every must be None or an int ≥ 1, got {record_every!r}")
         if not return_info:
             raise ValueError("record_every records into the SampleInfo: pass return_info=True as well")
-    if sampler == "mean" and bool(getattr(schedule, "per_token", False)):
-        raise ValueError(
-            "the 'mean' sampler needs a scalar schedule: with a per-token schedule (GenMD4) the "
-            "unmasking probability depends on the token; use sampler='ancestral'"
-        )
+    sampler_obj.check_schedule(schedule)
     agnostic = _is_time_agnostic(denoiser, time_agnostic)
     if cache is True and not agnostic:
         raise ValueError(
@@ -344,7 +213,7 @@ def sample(
     num_steps: int,
     grid: str | Tensor = "cosine",
     generator: torch.Generator | None = None,
-    sampler: Literal["ancestral", "mean"] = "ancestral",
+    sampler: str | Sampler = "ancestral",
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -359,13 +228,16 @@ def sample(
     return_info: bool = False,
     record_every: int | None = None,
     on_step: Callable[[int, Tensor], None] | None = None,
+    **options: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """Generate ``batch_size`` sequences of ``length`` tokens with the MD4/GenMD4 reverse process.
 
-    Starts from all masks (except ``fixed`` positions) at t = 1 and applies ``num_steps`` steps
-    along the time grid (``"cosine"``, ``"uniform"``, or a strictly decreasing tensor of T + 1
-    times); masks left after the last step are filled with the argmax of one more denoiser call
-    at the last grid time (0 for the built-in grids).
+    Starts from all masks (except ``fixed`` positions) at t = 1 and runs the sampler. The default,
+    ``ancestral``, applies ``num_steps`` steps along the time grid (``"cosine"``, ``"uniform"``,
+    or a strictly decreasing tensor of T + 1 times); masks left after the last step are filled
+    with the argmax of one more denoiser call at the last grid time (0 for the built-in grids).
+    Other samplers (``maskdiff.sampling.sampler_names()``, docs/samplers.md) say in their
+    docstrings how they use the grid (gridless ones ignore ``num_steps`` and ``grid``).
 
     Args:
         denoiser: ``denoiser(z (B, L) long, t (B,) float32) -> logits (B, L, V)``. If it (or,
@@ -373,8 +245,11 @@ def sample(
             ``time_conditioning = False`` it is treated as time-agnostic; a missing attribute
             means time-conditioned unless ``time_agnostic=True`` is passed.
         schedule: a scalar schedule or a per-token one (GenMD4, needs ``vocab_size`` equal).
-        sampler: ``"ancestral"`` (:func:`ancestral_step`) or ``"mean"`` (:func:`mean_step`,
-            scalar schedules only).
+        sampler: a registry name (:func:`~maskdiff.sampling.registry.sampler_names`: ``"ancestral"``,
+            the default, ``"mean"``, ``"first-hitting"``, ``"genmd4-exact"``, ...), or a
+            :class:`~maskdiff.sampling.base.Sampler` object (then no ``options``).
+        options: the named sampler's options (docs/samplers.md); an unknown one is a TypeError.
+            ``block_length=B`` generates in blocks of B positions with that sampler.
         temperature, top_k, top_p: applied to the logits before each step.
         precision: ``"float64"`` exact draws; ``"float32"`` the reference float32 Gumbel-max.
         cache: reuse the previous denoiser output when no token changed since it was computed:
@@ -401,56 +276,36 @@ def sample(
         denoiser, schedule, batch_size=batch_size, length=length, vocab_size=vocab_size, num_steps=num_steps,
         sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p, precision=precision, cache=cache,
         cache_scope=cache_scope, time_agnostic=time_agnostic, generator=generator, device=device,
-        return_info=return_info, record_every=record_every,
+        return_info=return_info, record_every=record_every, options=options,
     )
+    runner = get_sampler(sampler, options)
     times = (time_grid(num_steps, grid) if isinstance(grid, str) else _check_grid(grid, num_steps)).to(dev)
     sched = _prepare_schedule(schedule, torch.float64, dev)
     b, l, v = batch_size, length, vocab_size
     fix = _prepare_fixed(fixed, b, l, v, dev)
 
-    info = SampleInfo(num_steps, times=times.detach().cpu(), batch_size=b, vocab_size=v, record_every=record_every)
+    info = SampleInfo(num_steps, times=times.detach().cpu(), batch_size=b, vocab_size=v, record_every=record_every,
+                      sampler=runner.name, sampler_options=runner.options())
     denoise = _DenoiserCalls(denoiser, b, l, v, use_cache=use_cache, cache_scope=cache_scope, device=dev)
-    step_fn = ancestral_step if sampler == "ancestral" else mean_step
-    draw: dict[str, Any] = dict(
-        generator=generator, precision=precision, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=v
-    )
-    # Only the float64 ancestral step can decide without μ; the others get the logits up front.
-    lazy_logits = lazy and sampler == "ancestral" and precision == "float64"
     z = torch.full((b, l), v, dtype=torch.long, device=dev)
     if fix is not None:
         z = torch.where(fix >= 0, fix, z)
+    ctx = SamplingContext(
+        calls=denoise, schedule=sched, z=z, free=z == v, fixed=fix, vocab_size=v, num_steps=num_steps, times=times,
+        generator=generator, temperature=temperature, top_k=top_k, top_p=top_p, precision=precision, lazy=lazy,
+        progress=progress, info=info, grid_alphas=lambda: _GridAlphas(sched, times, v), on_step=on_step,
+    )
     info.record(0, z)
     if on_step is not None:
         on_step(0, z)
-
-    steps: Any = range(num_steps)
-    if progress:
-        from tqdm.auto import tqdm  # imported on use: no import-time cost
-
-        steps = tqdm(steps, desc="sampling", unit="step")
     with torch.no_grad():
-        alphas = _GridAlphas(sched, times, v)
-        for i in steps:
-            requests = denoise.requests
-            source: LogitsSource = (lambda z_=z, t_=times[i]: denoise(z_, t_))
-            if not lazy_logits:
-                source = source()
-            z_new = step_fn(z, source, alphas[i], alphas[i + 1], **draw)  # α in float64 for either precision
-            if denoise.requests == requests:
-                info.lazy_skips += 1
-            denoise.changed(z, z_new)
-            z = z_new
-            info.record(i + 1, z)
-            if on_step is not None:
-                on_step(i + 1, z)
-
-        leftover = z == v
-        info.leftover_masks = int(leftover.sum())
-        if info.leftover_masks:
-            z = torch.where(leftover, denoise(z, times[-1]).argmax(-1), z)
+        runner.run(ctx)
+    z = ctx.z
 
     info.denoiser_calls, info.denoiser_rows, info.cache_hits = denoise.calls, denoise.rows, denoise.cache_hits
     info._finish()
     if fix is not None and not bool(((fix < 0) | (z == fix)).all()):  # pragma: no cover - invariant
-        raise RuntimeError("internal error: a fixed token changed during sampling")
+        raise RuntimeError(f"internal error: a fixed token changed during sampling ({runner.name})")
+    if bool((z == v).any()):  # pragma: no cover - invariant
+        raise RuntimeError(f"internal error: the {runner.name!r} sampler left masked positions")
     return (z, info) if return_info else z
