@@ -20,6 +20,12 @@ __all__ = ["sampler_names", "sampler_class", "get_sampler"]
 _SAMPLERS: dict[str, str] = {
     "ancestral": "maskdiff.sampling.ancestral:Ancestral",
     "mean": "maskdiff.sampling.ancestral:Mean",
+    "confidence": "maskdiff.sampling.ordered:ConfidenceOrder",
+    "margin": "maskdiff.sampling.ordered:MarginOrder",
+    "entropy": "maskdiff.sampling.ordered:EntropyOrder",
+    "threshold": "maskdiff.sampling.ordered:Threshold",
+    "entropy-bounded": "maskdiff.sampling.ordered:EntropyBounded",
+    "remdm": "maskdiff.sampling.remdm:ReMDM",
 }
 
 #: Block generation (``block_length=B``) wraps whichever sampler was chosen (built with the other
