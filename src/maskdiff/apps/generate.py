@@ -24,6 +24,7 @@ from maskdiff.apps.images import class_grid, save_grid, unmasking_strip
 from maskdiff.data import CHAR_CORPORA, IMAGE_DATASETS, normalize_text8
 from maskdiff.devices import resolve_device
 from maskdiff.sampling import SampleInfo, fixed_from_template, make_fixed, sample
+from maskdiff.sampling.blocks import sample_long
 from maskdiff.sampling.cuda_graph import GraphDenoiser
 
 __all__ = ["generate_tokens", "generate_text", "generate_images", "write_image_samples", "check_sample_request",
@@ -119,10 +120,10 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
         raise ValueError("this run is the autoregressive baseline; `maskdiff sample` draws from diffusion runs")
     positive_int("--length", length, fix=f"omit it for the run's sequence length {cfg.data.seq_len}")
     length = cfg.data.seq_len if length is None else length
-    if length > cfg.data.seq_len:
-        raise UsageError(f"--length {length} exceeds the model's sequence length {cfg.data.seq_len}; "
-                         f"pass at most {cfg.data.seq_len}")
     fixed, length = _fixed_tokens(run, length, prompt, suffix, infill, gap, gap_length)
+    # Beyond the model's length: sliding windows of seq_len positions, half of each the text so far
+    # (MDLM-style semi-autoregressive; maskdiff.sampling.blocks.sample_long).
+    long = {"window": cfg.data.seq_len} if length > cfg.data.seq_len else {}
     generator = torch.Generator(device=dev).manual_seed(seed)
     time_agnostic = not model.time_conditioning
     on_cuda = dev.type == "cuda"
@@ -131,18 +132,20 @@ def generate_tokens(run_dir: str | Any, *, num: int = 4, length: int | None = No
     if compute != "fp32" and not on_cuda:
         raise ValueError(f"--compute {compute} needs a CUDA device; use --compute fp32 on {dev}")
     denoiser = model.denoiser if compute == "fp32" else GraphDenoiser(
-        model.network, num, length, dtype=torch.bfloat16, use_graph=compute == "bf16-graph")
+        model.network, num, min(length, cfg.data.seq_len), dtype=torch.bfloat16, use_graph=compute == "bf16-graph")
     options = _sampler_options(sampler_options, block_length)
-    tokens, info = sample(
+    tokens, info = (sample_long if long else sample)(
         denoiser, model.schedule, batch_size=num, length=length, vocab_size=model.vocab_size,
         num_steps=steps, grid=grid, generator=generator, sampler=sampler, temperature=temperature,
         top_k=top_k, top_p=top_p, precision=precision, cache=(cache and time_agnostic), time_agnostic=time_agnostic,
-        fixed=fixed, device=dev, progress=progress, return_info=True, **options,
+        fixed=fixed, device=dev, progress=progress, return_info=True, **long, **options,
     )
     settings = dict(run=str(run.path), step=run.step, weights=run.weights, steps=steps, grid=grid, sampler=sampler,
                     top_p=top_p, top_k=top_k, temperature=temperature, precision=precision, seed=seed, length=length,
                     prompt=prompt, suffix=suffix, infill=infill, gap_length=gap_length if infill else None,
                     compute=compute, cache=bool(cache and time_agnostic))
+    if long:
+        settings.update(windows=info.extras["windows"], network_calls_per_sample=info.nfe_per_sample)
     if options:  # the sampler's options as it read them (a default run's settings stay as in 0.1)
         settings.update(sampler_options=_jsonable(info.sampler_options), block_length=block_length,
                         network_calls_per_sample=info.nfe_per_sample)
