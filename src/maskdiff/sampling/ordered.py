@@ -382,22 +382,16 @@ class EntropyOrder(ConfidenceOrder):
 def _adaptive_loop(ctx: SamplingContext, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
     """Call ``step(z, logits, candidates)`` until no free position is masked (each call unmasks at
     least one per sequence that has masks). The network sees, per sequence, the time at which the
-    ancestral sampler expects its fraction of masks (:func:`time_for_masked_fraction`). Without a
-    cache only the sequences that still have masks are evaluated (``SampleInfo.denoiser_rows``
-    counts them), with one only the whole batch (the cache holds whole batches)."""
+    ancestral sampler expects its fraction of masks (:func:`time_for_masked_fraction`). Every call
+    evaluates the whole batch (a denoiser may hold per-row data, e.g. class labels), so a batch
+    costs as many calls as its slowest sequence needs."""
     masked = ctx.masked()
     start = masked.sum(1).clamp_min(1)
     bar = ctx.bar(int(masked.sum()))
     n = 0
     while bool(masked.any()):
         t = time_for_masked_fraction(ctx.schedule, masked.sum(1) / start)
-        active = masked.any(1)
-        if ctx.calls.use_cache or bool(active.all()):
-            z_new = step(ctx.z, ctx.denoise(ctx.z, t), masked)
-        else:
-            rows = active.nonzero(as_tuple=True)[0]
-            z_new = ctx.z.clone()
-            z_new[rows] = step(ctx.z[rows], ctx.denoise(ctx.z[rows], t[rows]), masked[rows])
+        z_new = step(ctx.z, ctx.denoise(ctx.z, t), masked)
         n += 1
         left = ctx.masked(z_new)
         ctx.advance(z_new, n, last=not bool(left.any()))
@@ -418,7 +412,8 @@ class Threshold(Sampler):
     uses_grid: ClassVar[bool] = False
     preserves: ClassVar[str] = ("the token law μ at each unmasked position; changes the order and the number "
                                 "unmasked together (all positions above τ at once)")
-    calls: ClassVar[str] = "adaptive, ≤ the number of free positions (τ > 1: exactly that many, one token per call)"
+    calls: ClassVar[str] = ("adaptive, ≤ the most free positions of a sequence in the batch (τ > 1: exactly that, "
+                            "one token per call)")
 
     threshold: float = field(default=0.9, metadata={
         "help": "τ ≥ 0: unmask every masked position with confidence ≥ τ (at least one per call); τ > 1: one per call"})
@@ -446,7 +441,8 @@ class EntropyBounded(Sampler):
     uses_grid: ClassVar[bool] = False
     preserves: ClassVar[str] = ("the token law μ at each unmasked position; changes the order and unmasks "
                                 "together positions whose summed entropy (minus the largest) stays below γ")
-    calls: ClassVar[str] = "adaptive, ≤ the number of free positions (γ = 0: exactly that many, one token per call)"
+    calls: ClassVar[str] = ("adaptive, ≤ the most free positions of a sequence in the batch (γ = 0: exactly that, "
+                            "one token per call)")
 
     gamma: float = field(default=0.5, metadata={
         "help": "γ ≥ 0 in nats: unmask the ordered positions while Σ H − max H < γ (at least one); 0: one per call"})
