@@ -8,7 +8,8 @@ so records are 5 to 12 characters long), train on it with ``data.records=lines``
         --set data.corpus=files --set data.path=runs/equations.txt --set data.tokenizer=char \\
         --set data.records=lines --set data.seq_len=16 --set train.steps=1500 ...
     python examples/equations.py score runs/eq-compare/md4 runs/eq-compare/genmd4 runs/eq-compare/ar \\
-        --num 1000 --data runs/equations.txt --plot docs/equations-lengths.png
+        --num 1000 --data runs/equations.txt --out runs/eq-compare/samples.json
+    python examples/equations.py plot runs/eq-compare/samples.json docs/equations-lengths.png
 
 ``score`` draws ``--num`` samples from each run (MD4/GenMD4 with ``maskdiff``'s ancestral sampler;
 the autoregressive baseline token by token with :func:`ar_sample`), decodes them (a record ends at
@@ -92,28 +93,31 @@ def ar_sample(run, num: int, seed: int, batch: int = 500) -> torch.Tensor:
     return torch.cat(out)
 
 
-def sample_texts(run_dir: str, num: int, steps: int, seed: int) -> tuple[str, list[str]]:
-    """(method, decoded samples) of a run folder."""
+def sample_texts(run_dir: str, num: int, steps: int, seed: int) -> tuple[str, list[str], int]:
+    """(method, decoded samples, how many rows hold only end tokens after their first one) of a run."""
     run = load(run_dir)
     method = run.config.diffusion.method
     if method == "ar":
         tokens = ar_sample(run, num, seed)
     else:
         tokens, _, _ = generate_tokens(run, num=num, steps=steps, seed=seed, device="cpu", progress=False)
-    return method, [run.tokenizer.decode(row) for row in tokens]
+    end = tokens == run.tokenizer.eos_id
+    clean = int(((end.cumsum(1) > 0) <= end).all(1).sum())  # after the first end token, end tokens only
+    return method, [run.tokenizer.decode(row) for row in tokens], clean
 
 
 def score(args: argparse.Namespace) -> None:
     data_lengths = Counter(len(line) for line in Path(args.data).read_text().splitlines() if line)
     results = {}
     for run_dir in args.runs:
-        method, texts = sample_texts(run_dir, args.num, args.steps, args.seed)
+        method, texts, clean = sample_texts(run_dir, args.num, args.steps, args.seed)
         judged = [judge(t) for t in texts]
         formed, correct = sum(w for w, _ in judged), sum(c for _, c in judged)
         results[method] = {
             "run": run_dir, "num": len(texts), "steps": None if method == "ar" else args.steps, "seed": args.seed,
             "well_formed": formed / len(texts), "well_formed_ci95": wilson(formed, len(texts)),
             "correct": correct / len(texts), "correct_ci95": wilson(correct, len(texts)),
+            "clean_tail": clean / len(texts), "clean_tail_ci95": wilson(clean, len(texts)),
             "lengths": dict(sorted(Counter(len(t) for t in texts).items())), "examples": texts[:8],
         }
     results["data"] = {"file": args.data, "lengths": dict(sorted(data_lengths.items()))}
@@ -125,13 +129,14 @@ def score(args: argparse.Namespace) -> None:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| model | well-formed | 95% interval | correct | 95% interval |", "|---|---|---|---|---|"]
+    lines = ["| model | well-formed [95% interval] | correct [95% interval] | only end tokens after the first |",
+             "|---|---|---|---|"]
     for method, r in results.items():
         if method == "data":
             continue
-        (a, b), (c, d) = r["well_formed_ci95"], r["correct_ci95"]
-        lines.append(f"| {method} | {r['well_formed']:.3f} | [{a:.3f}, {b:.3f}] | {r['correct']:.3f} | "
-                     f"[{c:.3f}, {d:.3f}] |")
+        cells = [f"{r[k]:.3f} [{r[k + '_ci95'][0]:.3f}, {r[k + '_ci95'][1]:.3f}]"
+                 for k in ("well_formed", "correct", "clean_tail")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     total = sum(results["data"]["lengths"].values())
     lines += ["", "length (characters): " + ", ".join(f"{k}" for k in results["data"]["lengths"])]
     lines.append("data:    " + ", ".join(f"{v / total:.3f}" for v in results["data"]["lengths"].values()))
@@ -180,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="write the results as JSON here")
     s.add_argument("--plot", help="write a PNG of the length distributions here")
+    p = sub.add_parser("plot", help="plot the length distributions of a score --out file")
+    p.add_argument("results", type=Path)
+    p.add_argument("png", type=Path)
     args = parser.parse_args(argv)
-    if args.command == "write":
+    if args.command == "plot":
+        plot_lengths(json.loads(args.results.read_text()), args.png)
+    elif args.command == "write":
         write_equations(args.path, args.num, args.seed)
         print(f"wrote {args.num} equations to {args.path}", file=sys.stderr)
     else:

@@ -23,6 +23,7 @@ from maskdiff.data import (
     read_run_tokenizer,
 )
 from maskdiff.data.files import assign_splits
+from maskdiff.data.vocab import tokenizer_from_dict
 from maskdiff.training import train
 
 UTF8 = "héllo wörld — 日本語 🎉 Ω≈ç√\n\ttabs and\r\nCRLF\x00nul \u2028 sep\n"
@@ -98,6 +99,9 @@ def test_hf_tokenizer_round_trips(tmp_path):
     for text in (UTF8, "def g(y):\n    return y * 2\n"):
         assert tok.decode(tok.encode(text)) == text
     assert int((np.asarray(data.train) == tok.eos_id).sum()) == data.metadata["documents"]["train"] - 1
+    stored = json.loads(json.dumps(data.run_files()["tokenizer.json"]))  # what a run folder keeps
+    again = tokenizer_from_dict(stored)
+    assert again.encode(UTF8) == tok.encode(UTF8) and again.eos_id == tok.eos_id
 
 
 # ---------------------------------------------------------------------------------------------
