@@ -27,7 +27,7 @@ $(TESTDEPS): $(RUNTIME)
 setup: $(TESTDEPS)
 
 test: $(TESTDEPS)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -rs tests
 
 lint: $(TESTDEPS)
 	$(VENV)/bin/ruff check src tests bench examples
