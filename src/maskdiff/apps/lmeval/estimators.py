@@ -279,8 +279,10 @@ class LikelihoodEstimator:
     # -- public ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def estimate(self, windows: Sequence[Window]) -> list[Estimate]:
-        """One :class:`Estimate` per window, in order."""
+    def estimate(self, windows: Sequence[Window], *, greedy: bool | None = None) -> list[Estimate]:
+        """One :class:`Estimate` per window, in order; ``greedy`` overrides the instance's setting
+        (rolling perplexity needs no greedy check: False)."""
+        greedy = self.greedy if greedy is None else greedy
         for w in windows:
             if len(w.tokens) > self.seq_len or not 0 <= w.n_context <= len(w.tokens):
                 raise ValueError(f"a window of {len(w.tokens)} tokens with {w.n_context} context tokens does not fit "
@@ -292,7 +294,7 @@ class LikelihoodEstimator:
             for i, (nll, ok) in self._grouped(rows, self._score_rows(rows)).items():
                 out[i] = Estimate(float(sum(n.sum() for n in nll)), 0.0, 0, bool(all(o.all() for o in ok)))
             return out  # type: ignore[return-value]
-        if self.exact or self.greedy:
+        if self.exact or greedy:
             rows = [row for i in todo for row in self._order_rows(i, windows[i])]
             for i, (nll, ok) in self._grouped(rows, self._score_rows(rows)).items():
                 total, greedy = float(torch.cat(nll).sum()), bool(torch.cat(ok).all())

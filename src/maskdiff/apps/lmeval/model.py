@@ -108,13 +108,13 @@ class MaskdiffLM(LM):
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def _estimate(self, groups: list[list[Window]]) -> list[Estimate]:
+    def _estimate(self, groups: list[list[Window]], greedy: bool | None = None) -> list[Estimate]:
         """One combined estimate per group of windows (a request), windows batched across requests."""
         flat = [w for g in groups for w in g]
         estimates: list[Estimate] = []
         chunks = range(0, len(flat), WINDOWS_PER_CALL)
         for start in tqdm(chunks, desc="maskdiff", unit="chunk", disable=not self.progress or len(chunks) < 2):
-            estimates.extend(self.estimator.estimate(flat[start:start + WINDOWS_PER_CALL]))
+            estimates.extend(self.estimator.estimate(flat[start:start + WINDOWS_PER_CALL], greedy=greedy))
         out, k = [], 0
         for g in groups:
             out.append(combine(estimates[k:k + len(g)]))
@@ -149,7 +149,7 @@ class MaskdiffLM(LM):
         groups = [rolling_windows(self.codec.encode(req.args[0]), self.max_length, self.codec.prefix)
                   for req in requests]
         out = []
-        for req, windows, est in zip(requests, groups, self._estimate(groups)):
+        for req, windows, est in zip(requests, groups, self._estimate(groups, greedy=False)):
             self._record(("loglikelihood_rolling", *req.args), est, len(windows))
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, -est.nats)
             out.append(-est.nats)
