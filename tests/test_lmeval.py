@@ -382,3 +382,32 @@ def test_generate_until(golden_run, ar_run):
         assert len(first) <= 12 and "q" not in first and len(second) == min(40, cap or 40)
         assert set(first + second) <= set(" abcdefghijklmnopqrstuvwxyz")
         assert lm.generate_until(reqs) == [first, second]  # seeded by the request
+
+
+def test_gpt2_token_model_through_the_harness(tasks):
+    """The GPT-2 path: the harness's pair convention, end-of-text for an empty context and before a
+    document, and a uniform model (untrained: zero head) giving -n log 50257 with error 0."""
+    from maskdiff.config import get_preset
+    from maskdiff.data.tokenizers import GPT2_EOT_ID, GPT2Tokenizer
+    from maskdiff.runs import LoadedRun
+
+    tok = GPT2Tokenizer()
+    codec = TextCodec(tok, characters=False)
+    ctx, cont = codec.encode_pair("The capital of France is ", "Paris.")  # the trailing space joins " Paris"
+    assert tok.decode(ctx) == "The capital of France is" and tok.decode(cont) == " Paris."
+    assert codec.encode_pair("", "Hello") == ([GPT2_EOT_ID], tok.encode("Hello"))
+    assert codec.prefix == (GPT2_EOT_ID,) and codec.normalised == 0
+    torch.manual_seed(0)
+    net = Transformer(TransformerConfig(vocab_size=50257, seq_len=32, n_layers=1, d_model=16, n_heads=2,
+                                        cond_dim=16, time_embed_dim=16))
+    model = MaskedDiffusion(net, maskdiff.get_schedule("linear"), "md4").eval()
+    lm = MaskdiffLM(run=LoadedRun(Path("tiny-gpt2"), get_preset("wiki-gpt2-md4"), model, 0, "ema"), draws=2,
+                    greedy=False, progress=False)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["toy_mc", "toy_roll"], task_manager=tasks[1])
+    log_v = math.log(50257)
+    for (c, x), r in records_by_kind(lm, "loglikelihood").items():
+        n = len(codec.encode_pair(c, x)[1])
+        assert r["loglikelihood"] == pytest.approx(-n * log_v, rel=1e-12) and abs(r["mc_stderr"]) < 1e-12
+    for (text,), r in records_by_kind(lm, "loglikelihood_rolling").items():
+        assert r["loglikelihood"] == pytest.approx(-len(tok.encode(text)) * log_v, rel=1e-12)
+    assert res["results"]["toy_roll"]["bits_per_byte,none"] > 0

@@ -40,6 +40,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--out", default=None, help="folder for the result file (default RUN_DIR/lm-eval/)")
+    p.add_argument("--no-greedy", action="store_true",
+                   help="skip is_greedy (then always false): for tasks that do not read it (multiple choice, "
+                        "perplexity); saves one network row per scored token of the ELBO")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -51,7 +54,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
                              draws=args.draws, likelihood=args.likelihood, estimator=args.estimator, seed=args.seed,
                              batch_size=args.batch_size, device=args.device, weights=args.weights,
                              normalize=args.normalize, num_fewshot=args.num_fewshot, sampler=args.sampler,
-                             steps=args.steps, out=args.out, progress=not args.no_progress)
+                             steps=args.steps, out=args.out, greedy=not args.no_greedy, progress=not args.no_progress)
     print(format_lmeval_table(kept))
     print(f"results in {path}", file=sys.stderr)
     return 0

@@ -111,13 +111,15 @@ def run_lm_eval(run_dir: str | os.PathLike, *, tasks: list[str], limit: int | No
                 include_path: str | None = None, draws: int = 4, likelihood: str = "elbo", estimator: str = "counts",
                 seed: int = 0, batch_size: int = 32, device: str = "auto", weights: str = "ema",
                 normalize: str = "text8", num_fewshot: int | None = None, sampler: str = "ancestral",
-                steps: int | None = None, out: str | os.PathLike | None = None,
+                steps: int | None = None, out: str | os.PathLike | None = None, greedy: bool = True,
                 progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Evaluate a run folder on harness tasks; returns (the file written, what it holds).
 
     The file (:func:`results_file`, in ``out`` or ``RUN_DIR/lm-eval/``) holds the harness's
     ``results``, ``n-samples``, ``configs`` and ``versions``, plus ``maskdiff``: the settings, the
     Monte Carlo summary (:func:`mc_summary`) and how many texts the character normalisation changed.
+    ``greedy=False`` skips ``is_greedy`` (always False then): for tasks that do not read it (multiple
+    choice, perplexity), it saves one network row per scored token of the ELBO.
     """
     _check_request(tasks, limit, include_path, draws, likelihood, estimator, batch_size)
     from maskdiff import runs
@@ -133,7 +135,7 @@ def run_lm_eval(run_dir: str | os.PathLike, *, tasks: list[str], limit: int | No
 
     lm = MaskdiffLM(run=str(run_dir), likelihood=likelihood, estimator=estimator, draws=draws,
                     batch_size=batch_size, seed=seed, device=device, weights=weights, normalize=normalize,
-                    sampler=sampler, steps=steps, progress=progress)
+                    sampler=sampler, steps=steps, greedy=greedy, progress=progress)
     manager = None
     if include_path:  # the harness's own task index takes a while to build: only when a task needs it
         local = TaskManager(include_path=include_path, include_defaults=False)
@@ -147,7 +149,7 @@ def run_lm_eval(run_dir: str | os.PathLike, *, tasks: list[str], limit: int | No
                                       task_manager=manager, log_samples=True, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     summary = mc_summary(results, lm.records)
-    settings = dict(lm.settings, tasks=tasks, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
+    settings = dict(lm.settings, tasks=tasks, limit=limit, num_fewshot=num_fewshot, include_path=include_path, greedy=greedy,
                     lm_eval_version=lm_eval.__version__ if hasattr(lm_eval, "__version__") else None)
     kept = {k: results[k] for k in ("results", "n-samples", "configs", "versions", "higher_is_better") if k in results}
     kept["maskdiff"] = {"settings": settings, "mc": summary, "normalised_texts": lm.codec.normalised}
