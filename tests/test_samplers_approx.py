@@ -390,7 +390,7 @@ def test_option_checks():
 
 
 @pytest.mark.parametrize("name,opts", [("confidence", {}), ("ancestral", {}), ("threshold", {"threshold": 0.5}),
-                                       ("remdm", {"eta": 0.3}), ("mean", {})])
+                                       ("remdm", {"eta": 0.3}), ("mean", {}), ("first-hitting", {})])
 def test_blocks_never_unmask_beyond_the_current_block(name, opts):
     fixed = some_fixed()
     b = 4
