@@ -80,7 +80,8 @@ class FileSplits(TokenSplits):
         toks = " | ".join(f"{s} {n:,}" for s, n in self.sizes().items())
         unknown = sum(m["unknown"].values())
         extra = f"; {unknown:,} validation/test characters outside the vocabulary read as <unk>" if unknown else ""
-        return (f"{self.name} ({m['n_files']} files at {m['location']!r}; tokenizer {m['tokenizer_name']}, vocab "
+        files = f"{m['n_files']} file{'s' if m['n_files'] != 1 else ''}"
+        return (f"{self.name} ({files} at {m['location']!r}; tokenizer {m['tokenizer_name']}, vocab "
                 f"{self.vocab_size}): {unit} {docs}; tokens {toks}. Split: {m['split_rule']}{extra}")
 
     def meta(self) -> dict[str, Any]:
