@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
 import maskdiff
+
+fastapi = pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from maskdiff.apps.serve import ModelService, ServeLimits, create_app  # noqa: E402
 
 
 def _toy_denoiser(vocab_size: int):
@@ -36,29 +58,6 @@ def test_on_step_sees_every_state_in_order():
 # --------------------------------------------------------------------------------------------------
 # The API in-process (FastAPI's TestClient) on a copy of the golden 0.1 run (characters, length 32).
 # --------------------------------------------------------------------------------------------------
-import concurrent.futures  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-fastapi = pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-httpx = pytest.importorskip("httpx")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from maskdiff.apps.serve import ModelService, ServeLimits, create_app  # noqa: E402
-
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden-run"
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 
@@ -365,13 +364,16 @@ def test_client_leaving_a_stream_stops_its_sampling(run_dir):
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory) -> Path:
     """A two-step run on 8×8 digits (17 grey levels), trained here: an image run to serve."""
+    from maskdiff.config import apply_overrides, get_preset
+    from maskdiff.training import train
+
     out = tmp_path_factory.mktemp("serve-image") / "digits"
     sets = ["data.corpus=digits", "data.seq_len=64", "model.architecture=transformer", "model.d_model=16",
             "model.n_layers=1", "model.n_heads=2", "model.class_conditional=false", "train.steps=2",
             "train.batch_size=4", "train.eval_every=0", "train.save_every=2", "train.num_threads=1"]
-    subprocess.run([sys.executable, "-m", "maskdiff.cli", "train", "--preset", "mnist-md4", "--out", str(out),
-                    "--no-progress", *[a for s in sets for a in ("--set", s)]],
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    threads = torch.get_num_threads()
+    train(apply_overrides(get_preset("mnist-md4"), sets), out, progress=False)
+    torch.set_num_threads(threads)  # training sets its own
     return out
 
 
@@ -394,37 +396,11 @@ def test_image_run(image_run):
 # --------------------------------------------------------------------------------------------------
 # A real server process on a free local port.
 # --------------------------------------------------------------------------------------------------
-def test_real_server(run_dir):
+def test_real_server_then_sigkill_mid_request(run_dir):
+    """The API over HTTP from a ``maskdiff serve`` process; then SIGKILL while it samples a long
+    request: the run folder is byte-identical (every file hashed before and after)."""
     before = folder_hashes(run_dir)
-    proc, url = start_server(run_dir, "--max-samples", "4")
-    try:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            assert http.get("/v1/model").json()["limits"]["max_samples"] == 4
-            body = {"infill": "the ___ of ___", "gap_length": 6, "num_samples": 2, "steps": 32, "seed": 5}
-            first = http.post("/v1/generate", json=body).json()
-            assert http.post("/v1/generate", json=body).json()["samples"] == first["samples"]
-            for s in first["samples"]:
-                check_template(s["text"], body["infill"], 6)
-            with http.stream("POST", "/v1/generate/stream", json=body) as r:
-                events = parse_sse(r.iter_lines())
-            assert events[-1][0] == "done" and events[-1][1]["samples"] == first["samples"]
-            r = http.post("/v1/generate", json={**body, "num_samples": 5})
-            assert r.status_code == 422 and r.json()["error"] == {
-                "field": "num_samples", "message": "num_samples 5 exceeds this server's limit of 4", "limit": 4}
-            assert http.post("/v1/generate", content=b"{", headers={"content-type": "application/json"}
-                             ).status_code == 400
-            page = http.get("/")
-            assert page.status_code == 200 and "Generate" in page.text
-            assert "http" not in re.sub(r"http://www\.w3\.org[^\"']*", "", page.text)  # nothing from elsewhere
-            assert http.get("/static/app.js").status_code == 200 and http.get("/static/style.css").status_code == 200
-    finally:
-        stop_server(proc)
-    assert folder_hashes(run_dir) == before
-
-
-def test_sigkill_mid_request_leaves_the_run_folder_byte_identical(run_dir):
-    before = folder_hashes(run_dir)
-    proc, url = start_server(run_dir)
+    proc, url = start_server(run_dir, "--max-samples", "16")
     result: dict = {}
 
     def long_request() -> None:
@@ -433,13 +409,34 @@ def test_sigkill_mid_request_leaves_the_run_folder_byte_identical(run_dir):
         except httpx.HTTPError as err:
             result["error"] = err
 
-    thread = threading.Thread(target=long_request)
-    thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while httpx.get(url + "/v1/stats").json()["network_calls"] < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert httpx.get(url + "/v1/stats").json()["in_server"] == 1  # it is sampling now
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/v1/model").json()["limits"]["max_samples"] == 16
+            body = {"infill": "the ___ of ___", "gap_length": 6, "num_samples": 2, "steps": 32, "seed": 5}
+            first = http.post("/v1/generate", json=body).json()
+            assert http.post("/v1/generate", json=body).json()["samples"] == first["samples"]
+            for s in first["samples"]:
+                check_template(s["text"], body["infill"], 6)
+            with http.stream("POST", "/v1/generate/stream", json=body) as r:
+                events = parse_sse(r.iter_lines())
+            assert events[-1][0] == "done" and events[-1][1]["samples"] == first["samples"]
+            r = http.post("/v1/generate", json={**body, "num_samples": 17})
+            assert r.status_code == 422 and r.json()["error"] == {
+                "field": "num_samples", "message": "num_samples 17 exceeds this server's limit of 16", "limit": 16}
+            assert http.post("/v1/generate", content=b"{", headers={"content-type": "application/json"}
+                             ).status_code == 400
+            page = http.get("/")
+            assert page.status_code == 200 and "Generate" in page.text
+            assert "http" not in page.text  # nothing fetched from elsewhere
+            assert http.get("/static/app.js").status_code == 200 and http.get("/static/style.css").status_code == 200
+
+            thread = threading.Thread(target=long_request)
+            thread.start()
+            calls = http.get("/v1/stats").json()["network_calls"]
+            deadline = time.monotonic() + 20
+            while http.get("/v1/stats").json()["network_calls"] < calls + 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert http.get("/v1/stats").json()["in_server"] == 1  # it is sampling now
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         thread.join(timeout=30)
@@ -457,3 +454,17 @@ def test_cli_refuses_bad_flags_in_one_line(tmp_path, capsys):
     assert main(["serve", str(GOLDEN), "--max-length", "100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "missing" in err[0] and "--max-samples" in err[1] and "100" in err[2]
+
+
+def test_page_files_are_package_data():
+    """Every file of the page is matched by pyproject's package-data, so an installed wheel serves it."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "maskdiff.apps.serve"]
+    static = root / "src" / "maskdiff" / "apps" / "serve" / "static"
+    files = sorted(p.relative_to(static.parent).as_posix() for p in static.iterdir())
+    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)

@@ -125,7 +125,13 @@ def create_app(service: ModelService) -> FastAPI:
             loop.call_soon_threadsafe(events.put_nowait, (kind, data))
 
         fut = submit(prep, emit, cancelled)  # 503 here, before the stream starts
-        fut.add_done_callback(lambda f: events.put_nowait(("end", f)))
+
+        def ended(f: asyncio.Future) -> None:
+            if not f.cancelled():
+                f.exception()  # retrieved here: the stream may be gone (a client that left) and never read it
+            events.put_nowait(("end", f))
+
+        fut.add_done_callback(ended)
 
         async def stream() -> AsyncIterator[str]:
             yield _sse("start", {"settings": prep.settings, "length": prep.length, "num_samples": req.num_samples,

@@ -1,0 +1,178 @@
+"""Load on ``maskdiff serve``: 1, 4, 16 and 64 concurrent clients, batched serving against one
+request at a time, in one run.
+
+For each mode the benchmark starts ``maskdiff serve RUN`` as its own process on a free port of
+127.0.0.1 (nothing else is contacted), sends one warm-up request, then for each number of clients
+C sends ``--requests`` requests (C clients, each sending its share one after the other; a level
+stops issuing requests after ``--max-seconds``) and reports:
+
+* requests/s and generated tokens/s (positions the samples filled, over the level's wall time);
+* p50 and p99 latency of a request (send to full response);
+* errors (any status other than 200, or a failed connection: must be 0);
+* network calls per request-call (``/v1/stats``: how many requests shared a network call);
+* the server's resident memory (VmRSS) after the warm-up and after the last level.
+
+Modes: ``batched`` (``--max-active 64``: concurrent requests share network calls) and ``serial``
+(``--max-active 1``: one request sampled at a time, the others queued); the ratio of their
+requests/s is printed per level. Every request: ``--steps`` steps, one sample of the model's length
+after a short prompt, its own seed.
+
+    OMP_NUM_THREADS=1 nice -n 10 python bench/bench_serve.py --run runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPT = "the "
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (VmRSS), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def start_server(run: str, max_active: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "maskdiff.cli", "serve", run, "--port", str(port), "--host", "127.0.0.1",
+           "--max-active", str(max_active), "--queue-size", str(queue), "--threads", str(threads),
+           "--timeout", "600", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"maskdiff serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("maskdiff serve did not start within 120 s")
+
+
+async def run_level(url: str, clients: int, requests: int, body: dict, max_seconds: float) -> dict:
+    """``requests`` requests from ``clients`` concurrent clients; latencies, errors, wall time."""
+    latencies: list[float] = []
+    errors = 0
+    tokens = 0
+    counter = iter(range(requests))
+    stop_at = time.monotonic() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        before = (await http.get("/v1/stats")).json()
+
+        async def client() -> None:
+            nonlocal errors, tokens
+            for k in counter:
+                if time.monotonic() > stop_at:
+                    return
+                start = time.perf_counter()
+                try:
+                    r = await http.post("/v1/generate", json={**body, "seed": k})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - start)
+                if not ok:
+                    errors += 1
+                    continue
+                out = r.json()
+                tokens += sum(len(s["tokens"]) - len(PROMPT) for s in out["samples"])
+
+        wall = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - wall
+        after = (await http.get("/v1/stats")).json()
+    calls = after["network_calls"] - before["network_calls"]
+    asked = after["network_requests"] - before["network_requests"]
+    lat = sorted(latencies)
+    return {"clients": clients, "requests": len(lat), "errors": errors, "wall_s": wall,
+            "requests_per_s": len(lat) / wall, "tokens_per_s": tokens / wall,
+            "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+            "requests_per_network_call": asked / max(calls, 1)}
+
+
+def bench_mode(args: argparse.Namespace, mode: str, body: dict) -> dict:
+    max_active = max(args.clients) if mode == "batched" else 1
+    proc, url = start_server(args.run, max_active, max(args.clients), args.threads)
+    try:
+        httpx.post(url + "/v1/generate", json={**body, "seed": 0}, timeout=600).raise_for_status()  # warm-up
+        rss_before = rss_mib(proc.pid)
+        levels = [asyncio.run(run_level(url, c, args.requests, body, args.max_seconds)) for c in args.clients]
+        rss_after = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"mode": mode, "max_active": max_active, "rss_before_mib": rss_before, "rss_after_mib": rss_after,
+            "levels": levels}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="runs/shared-compare/md4", help="run folder to serve (read-only)")
+    p.add_argument("--clients", default="1,4,16,64", help="numbers of concurrent clients")
+    p.add_argument("--requests", type=int, default=64, help="requests per level (all clients together)")
+    p.add_argument("--steps", type=int, default=32, help="sampling steps per request")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="a level issues no request after this")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    body = {"prompt": PROMPT, "steps": args.steps, "num_samples": 1}
+
+    info_proc, url = start_server(args.run, 1, 0, args.threads)
+    try:
+        info = httpx.get(url + "/v1/model").json()
+    finally:
+        info_proc.terminate()
+        info_proc.wait(timeout=30)
+    print(f"run {args.run}: {info['method']}, length {info['length']}, {info['vocabulary']['kind']} vocabulary; "
+          f"{args.steps} steps per request, {args.requests} requests per level, server threads {args.threads}")
+    results = {mode: bench_mode(args, mode, body) for mode in ("batched", "serial")}
+
+    print("\n| mode | clients | requests | req/s | tokens/s | p50 s | p99 s | errors | requests per network call |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode, res in results.items():
+        for lv in res["levels"]:
+            print(f"| {mode} | {lv['clients']} | {lv['requests']} | {lv['requests_per_s']:.2f} | "
+                  f"{lv['tokens_per_s']:.0f} | {lv['p50_s']:.2f} | {lv['p99_s']:.2f} | {lv['errors']} | "
+                  f"{lv['requests_per_network_call']:.1f} |")
+    print("\n| mode | RSS after warm-up MiB | RSS after the last level MiB |")
+    print("|---|---|---|")
+    for mode, res in results.items():
+        print(f"| {mode} | {res['rss_before_mib']:.0f} | {res['rss_after_mib']:.0f} |")
+    print("\nbatched / serial requests/s: " + ", ".join(
+        f"{b['clients']} clients {b['requests_per_s'] / s['requests_per_s']:.2f}x"
+        for b, s in zip(results["batched"]["levels"], results["serial"]["levels"])))
+    errors = sum(lv["errors"] for res in results.values() for lv in res["levels"])
+    print(f"errors in all: {errors}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"run": args.run, "steps": args.steps, "results": results}, indent=1))
+    if errors:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
