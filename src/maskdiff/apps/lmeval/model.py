@@ -16,6 +16,7 @@ Model arguments (``model_args``; docs/lm-eval.md): ``run`` (the folder), ``likel
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Sequence
@@ -34,6 +35,8 @@ from maskdiff.fileio import append_line
 from maskdiff.sampling import make_fixed, sample, sampler_names
 
 __all__ = ["MaskdiffLM", "combine"]
+
+logger = logging.getLogger(__name__)
 
 #: windows estimated at a time (bounds the memory of the rows built for them)
 WINDOWS_PER_CALL = 256
@@ -69,6 +72,10 @@ class MaskdiffLM(LM):
             raise ValueError("the maskdiff model needs its run folder: model_args='run=PATH'")
         if sampler not in sampler_names():
             raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(sampler_names())}")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # the harness's CLI passes cuda:0 unless told otherwise; its own models fall back the same way
+            logger.warning("device %s requested but CUDA is not available: the maskdiff model runs on the CPU", device)
+            device = "cpu"
         self._device = resolve_device(device or "auto")
         self.run = run if isinstance(run, runs.LoadedRun) else runs.load(run, weights=weights, device=self._device)
         model = self.run.model

@@ -125,6 +125,9 @@ def run_lm_eval(run_dir: str | os.PathLike, *, tasks: list[str], limit: int | No
     from maskdiff import runs
 
     runs.read_run_config(run_dir)  # a run folder, before anything heavy is imported
+    from maskdiff.devices import resolve_device
+
+    device = str(resolve_device(device))  # a CUDA device on a machine without one is an error here
     folder = check_output_folder(Path(out) if out is not None else Path(run_dir) / "lm-eval", "--out")
     try:
         import lm_eval
