@@ -74,7 +74,9 @@ Modules
 (:class:`SamplingContext`, :class:`SampleInfo`, the counted denoiser),
 :mod:`~maskdiff.sampling.base` (:class:`Sampler`), :mod:`~maskdiff.sampling.registry`,
 :mod:`~maskdiff.sampling.sampler` (:func:`sample`), the samplers by family:
-:mod:`~maskdiff.sampling.ancestral` (``ancestral``, ``mean``).
+:mod:`~maskdiff.sampling.ancestral` (``ancestral``, ``mean``), :mod:`~maskdiff.sampling.continuous`
+(``first-hitting``, ``genmd4-exact``: exact continuous-time), :mod:`~maskdiff.sampling.ordered`,
+:mod:`~maskdiff.sampling.remdm`, :mod:`~maskdiff.sampling.blocks` (approximate samplers).
 :mod:`maskdiff.sampling.cuda_graph` (``GraphDenoiser``, a bf16 denoiser replayed from a CUDA
 graph) is not imported here: import it by its module path.
 """

@@ -20,6 +20,8 @@ __all__ = ["sampler_names", "sampler_class", "get_sampler"]
 _SAMPLERS: dict[str, str] = {
     "ancestral": "maskdiff.sampling.ancestral:Ancestral",
     "mean": "maskdiff.sampling.ancestral:Mean",
+    "first-hitting": "maskdiff.sampling.continuous:FirstHitting",
+    "genmd4-exact": "maskdiff.sampling.continuous:GenMD4Exact",
     "confidence": "maskdiff.sampling.ordered:ConfidenceOrder",
     "margin": "maskdiff.sampling.ordered:MarginOrder",
     "entropy": "maskdiff.sampling.ordered:EntropyOrder",
