@@ -8,7 +8,9 @@ For each run folder RUNS/<method> (read only; everything is written under OUT/<m
 3. ``maskdiff eval RUN --split test --max-chunks N --draws 2 --out OUT/<method>/eval-test-nN-K2.json``
    on the chunks that ``wiki_rolling``'s documents cover (N = documents × characters / seq_len),
 
-then prints a Markdown table: cloze accuracy with its 95% interval (acc ± 1.96 × the harness's
+and, for MD4, the Monte Carlo errors of the two ELBO estimators (stratified mask counts, the
+default, and the training loss's stratified times) on the first cloze items at the same K; then
+prints a Markdown table: cloze accuracy with its 95% interval (acc ± 1.96 × the harness's
 standard error over items), the fraction of items whose ranking could flip within 2 Monte Carlo
 standard errors, the rolling bits per character and word perplexity, and the difference between the
 harness's rolling NELBO and ``maskdiff eval``'s on the same text, in units of their combined Monte
@@ -28,9 +30,10 @@ from pathlib import Path
 import torch
 
 from maskdiff.apps.likelihood import run_eval
+from maskdiff.apps.lmeval import ESTIMATORS, LikelihoodEstimator, TextCodec, pair_windows
 from maskdiff.apps.lmeval.report import run_lm_eval
 from maskdiff.metrics import Z95
-from maskdiff.runs import read_run_config
+from maskdiff.runs import load, read_run_config
 
 
 def evaluate(run: Path, tasks: Path, out: Path, draws: int, eval_draws: int, exact: bool) -> dict:
@@ -60,6 +63,22 @@ def evaluate(run: Path, tasks: Path, out: Path, draws: int, eval_draws: int, exa
                agree_z=(row["bpc"] - ev["bits_per_token"]) / math.hypot(row["bpc_mc"] or 0.0, mc_eval)
                if (row["bpc_mc"] or mc_eval) else None)
     return row
+
+
+def estimator_errors(run: Path, tasks: Path, draws: int, items: int) -> dict:
+    """Mean Monte Carlo standard error (nats) of the mask-count and time estimators on the choices of
+    the first ``items`` cloze items, K = ``draws`` each, and their ratio."""
+    loaded = load(run)
+    codec = TextCodec(loaded.tokenizer, characters=True)
+    docs = [json.loads(line) for line in (tasks / "wiki_cloze.jsonl").read_text().splitlines()][:items]
+    windows = [w for d in docs for c in d["choices"]
+               for w in pair_windows(*codec.encode_pair(d["context"], c), loaded.config.data.seq_len)]
+    out = {"requests": len(windows), "draws": draws}
+    for name in ESTIMATORS:
+        est = LikelihoodEstimator(loaded.model, estimator=name, draws=draws, greedy=False).estimate(windows)
+        out[name] = sum(e.stderr for e in est) / len(est)
+    out["ratio"] = out["times"] / out["counts"]
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -93,6 +112,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         rows.append(evaluate(Path(args.runs) / method, Path(args.tasks), out, args.draws, args.eval_draws,
                              not args.no_exact))
+        if rows[-1]["method"] == "md4":
+            rows[-1]["estimator_errors"] = estimator_errors(Path(args.runs) / method, Path(args.tasks), args.draws, 100)
         print(json.dumps(rows[-1]), flush=True)
     summary, k = Path(args.out) / "compare.json", 1
     while summary.exists():
@@ -100,6 +121,11 @@ def main() -> None:
         summary = Path(args.out) / f"compare-{k}.json"
     summary.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
+    for r in rows:
+        if "estimator_errors" in r:
+            e = r["estimator_errors"]
+            print(f"{r['method']}: mean MC stderr over {e['requests']} cloze requests, K={e['draws']}: mask counts "
+                  f"{e['counts']:.4f} nats, times {e['times']:.4f} nats ({e['ratio']:.1f}x)")
     print(f"written: {summary}")
 
 
