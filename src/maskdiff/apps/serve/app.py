@@ -48,6 +48,33 @@ def _sse(kind: str, data: Any) -> str:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+async def _events(prep: Prepared, events: asyncio.Queue, cancelled: threading.Event,
+                  timeout_s: float) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request: ``start``, the states ``emit`` queued
+    (``step``), then ``done`` or ``error`` once the job's future is queued as ``("end", future)``."""
+    yield _sse("start", {"settings": prep.settings, "length": prep.length, "num_samples": prep.request.num_samples,
+                         "steps": prep.request.steps, "fixed": prep.fixed_mask})
+    try:
+        while True:
+            kind, data = await events.get()
+            if kind != "end":
+                yield _sse(kind, data)
+                continue
+            while not events.empty():  # states emitted just before the end
+                k, d = events.get_nowait()
+                if k != "end":
+                    yield _sse(k, d)
+            if data.cancelled():
+                yield _sse("error", ApiError(503, None, "the request was cancelled").body())
+            elif data.exception() is not None:
+                yield _sse("error", _as_api_error(data.exception(), prep, timeout_s).body())
+            else:
+                yield _sse("done", data.result())
+            return
+    finally:
+        cancelled.set()  # the client went away, or the stream ended: stop sampling
+
+
 def create_app(service: ModelService) -> FastAPI:
     """The app serving ``service``'s model under ``service.limits``."""
     limits = service.limits
@@ -133,30 +160,7 @@ def create_app(service: ModelService) -> FastAPI:
 
         fut.add_done_callback(ended)
 
-        async def stream() -> AsyncIterator[str]:
-            yield _sse("start", {"settings": prep.settings, "length": prep.length, "num_samples": req.num_samples,
-                                 "steps": req.steps, "fixed": prep.fixed_mask})
-            try:
-                while True:
-                    kind, data = await events.get()
-                    if kind != "end":
-                        yield _sse(kind, data)
-                        continue
-                    while not events.empty():  # states emitted just before the end
-                        k, d = events.get_nowait()
-                        if k != "end":
-                            yield _sse(k, d)
-                    if data.cancelled():
-                        yield _sse("error", ApiError(503, None, "the request was cancelled").body())
-                    elif data.exception() is not None:
-                        yield _sse("error", _as_api_error(data.exception(), prep, limits.timeout_s).body())
-                    else:
-                        yield _sse("done", data.result())
-                    return
-            finally:
-                cancelled.set()  # the client went away, or the stream ended: stop sampling
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(_events(prep, events, cancelled, limits.timeout_s), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/", include_in_schema=False)
