@@ -247,3 +247,20 @@ def test_cli_sampler_options_help_and_errors(golden, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["sample", str(golden), "--sampler", "greedy"])
     assert exit_.value.code == 2
+
+
+def test_cli_samplers_on_an_image_run(tmp_path, capsys):
+    """`maskdiff sample --sampler first-hitting` (and an approximate one) writes an image grid."""
+    from maskdiff.cli import main
+
+    run = tmp_path / "digits"
+    sets = ["data.corpus=digits", "data.seq_len=64", "model.architecture=unet", "model.d_model=16",
+            "model.n_heads=2", "model.unet_channel_mult=1,2", "model.unet_res_blocks=1", "train.steps=2",
+            "train.batch_size=8", "train.eval_every=0", "train.save_every=2", "train.num_threads=1"]
+    assert main(["train", "--preset", "mnist-md4", "--out", str(run), "--no-progress",
+                 *[a for item in sets for a in ("--set", item)]]) == 0
+    for name in ("first-hitting", "confidence"):
+        out = tmp_path / f"{name}.png"
+        assert main(["sample", str(run), "--sampler", name, "--per-class", "1", "--steps", "8", "--out", str(out),
+                     "--device", "cpu"]) == 0
+        assert out.stat().st_size > 0
