@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from maskdiff.runs import load, read_run_config
 def evaluate(run: Path, tasks: Path, out: Path, draws: int, eval_draws: int, exact: bool) -> dict:
     """The three evaluations of one run (see the module docs); returns the numbers of the table."""
     method = read_run_config(run).diffusion.method
+    t0 = time.perf_counter()
     path, elbo = run_lm_eval(run, tasks=["wiki_cloze", "wiki_rolling"], include_path=str(tasks), draws=draws,
                              out=out, greedy=False)
     row = {"method": method, "file": str(path)}
@@ -47,19 +49,22 @@ def evaluate(run: Path, tasks: Path, out: Path, draws: int, eval_draws: int, exa
     row.update(acc=cloze["acc,none"], acc_se=cloze["acc_stderr,none"], items=mc["wiki_cloze"]["items"],
                flip=mc["wiki_cloze"]["flip_fraction"], bpc=rolling["bits_per_byte,none"],
                bpc_mc=mc["wiki_rolling"]["mc_stderr_bits_per_byte"], word_ppl=rolling["word_perplexity,none"],
-               mean_mc_stderr=mc["wiki_cloze"]["mean_mc_stderr"])
+               mean_mc_stderr=mc["wiki_cloze"]["mean_mc_stderr"], seconds_elbo=time.perf_counter() - t0)
     if exact and method != "ar":
+        t0 = time.perf_counter()
         path, order = run_lm_eval(run, tasks=["wiki_cloze"], include_path=str(tasks), likelihood="exact-order",
                                   out=out, greedy=False)
         row.update(acc_order=order["results"]["wiki_cloze"]["acc,none"],
-                   acc_order_se=order["results"]["wiki_cloze"]["acc_stderr,none"], file_order=str(path))
+                   acc_order_se=order["results"]["wiki_cloze"]["acc_stderr,none"], file_order=str(path),
+                   seconds_order=time.perf_counter() - t0)
     docs = [json.loads(line)["text"] for line in (tasks / "wiki_rolling.jsonl").read_text().splitlines()]
     seq_len = read_run_config(run).data.seq_len
     chunks = sum(len(d) for d in docs) // seq_len
     target = out / f"eval-test-n{chunks}-K{eval_draws}.json"
+    t0 = time.perf_counter()
     ev = run_eval(run, split="test", draws=eval_draws, max_chunks=chunks, out=target, progress=False)
     mc_eval = ev.get("mc_stderr", 0.0) if method != "ar" else 0.0
-    row.update(eval_bpc=ev["bits_per_token"], eval_mc=mc_eval, eval_chunks=chunks,
+    row.update(eval_bpc=ev["bits_per_token"], eval_mc=mc_eval, eval_chunks=chunks, seconds_eval=time.perf_counter() - t0,
                agree_z=(row["bpc"] - ev["bits_per_token"]) / math.hypot(row["bpc_mc"] or 0.0, mc_eval)
                if (row["bpc_mc"] or mc_eval) else None)
     return row
