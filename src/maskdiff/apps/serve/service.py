@@ -9,7 +9,6 @@ form.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import time
@@ -71,6 +70,7 @@ class ModelService:
         self.image_shape = None if shape is None else [int(s) for s in shape]
         self.kind = "image" if self.image_shape else ("char" if cfg.data.corpus in CHAR_CORPORA else "gpt2")
         self.tokenizer = None if self.image_shape else self.run.tokenizer
+        self._pieces: dict[int, str] = {}
         self.vocab_size = int(model.vocab_size)
         self.time_agnostic = not model.time_conditioning
         self.samplers = tuple(sampler_names())
@@ -232,9 +232,12 @@ class ModelService:
         return {"step": step, "steps": steps, "masked": [sum(i == MASKED for i in ids) for ids in rows],
                 "samples": samples}
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one service per server, it lives as long
     def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])  # type: ignore[union-attr]
+        """The text of one token (cached: a vocabulary's worth at most)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token])  # type: ignore[union-attr]
+        return piece
 
     def close(self) -> None:
         self.batcher.stop()
