@@ -195,6 +195,20 @@ def test_same_seed_same_output(client):
     assert isinstance(drawn, int) and again["settings"]["seed"] == drawn
 
 
+@pytest.mark.parametrize("name", maskdiff.sampling.sampler_names())
+def test_every_sampler_serves_and_streams(client, name):
+    body = {"infill": "a ___ b ___", "gap_length": 4, "steps": 12, "seed": 2, "sampler": name, "stream_every": 3}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.json()
+    check_template(r.json()["samples"][0]["text"], body["infill"], 4)
+    with client.stream("POST", "/v1/generate/stream", json=body) as s:
+        events = parse_sse(s.iter_lines())
+    states = [d for k, d in events if k == "step"]
+    assert events[-1][0] == "done" and events[-1][1]["samples"] == r.json()["samples"]
+    assert states[0]["masked"] == [8] and states[-1]["masked"] == [0]
+    assert set(client.get("/v1/model").json()["sampler_options"]) == set(maskdiff.sampling.sampler_names())
+
+
 BAD = [  # (raw body or JSON, status, field): each documented in docs/serve.md
     ("{not json", 400, "body"),
     ("[1, 2]", 400, "body"),

@@ -23,7 +23,7 @@ from maskdiff import runs
 from maskdiff.apps.serve.batching import NetworkBatcher
 from maskdiff.apps.serve.schemas import RESERVED_OPTIONS, ApiError, GenerateRequest, ServeLimits, check_request_numbers
 from maskdiff.data import CHAR_CORPORA
-from maskdiff.sampling import FREE, fixed_from_template, make_fixed, sample, sampler_names
+from maskdiff.sampling import FREE, fixed_from_template, make_fixed, registry, sample, sampler_names
 
 __all__ = ["ModelService", "Prepared"]
 
@@ -89,6 +89,7 @@ class ModelService:
             "vocabulary": vocab, "length": self.seq_len, "image_shape": self.image_shape,
             "method": cfg.diffusion.method, "schedule": cfg.diffusion.schedule,
             "time_conditioning": not self.time_agnostic, "samplers": list(self.samplers),
+            "sampler_options": {name: self.sampler_options(name) for name in self.samplers},
             "limits": {**self.limits.as_dict(), "max_length": self.max_length},
             "defaults": GenerateRequest().model_dump(),
         }
@@ -125,13 +126,23 @@ class ModelService:
         except (ValueError, TypeError) as err:
             field_name = "sampler_options" if req.sampler_options else "sampler"
             raise ApiError(422, field_name, f"sampler {req.sampler!r} refused the request: {err}",
-                           limit=sorted(self._option_names())) from None
+                           limit=sorted(set(self.sampler_options(req.sampler)) | self._option_names())) from None
 
     @staticmethod
     def _option_names() -> set[str]:
         """The options :func:`maskdiff.sample` names in its signature (beyond those the server sets)."""
         params = inspect.signature(sample).parameters
         return {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - RESERVED_OPTIONS
+
+    @staticmethod
+    def sampler_options(name: str) -> dict[str, str]:
+        """The named sampler's own options with one line of help each (``type, default: help``),
+        from the sampler registry; empty where the registry does not describe them."""
+        sampler_class = getattr(registry, "sampler_class", None)
+        try:
+            return dict(sampler_class(name).option_help()) if sampler_class is not None else {}
+        except (ValueError, AttributeError):
+            return {}
 
     def _image_request(self, req: GenerateRequest) -> tuple[Tensor | None, int]:
         for name in ("prompt", "suffix", "infill"):
