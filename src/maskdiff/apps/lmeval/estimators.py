@@ -297,14 +297,14 @@ class LikelihoodEstimator:
         if self.exact or greedy:
             rows = [row for i in todo for row in self._order_rows(i, windows[i])]
             for i, (nll, ok) in self._grouped(rows, self._score_rows(rows)).items():
-                total, greedy = float(torch.cat(nll).sum()), bool(torch.cat(ok).all())
-                out[i] = Estimate(total, 0.0, 0, greedy) if self.exact else Estimate(math.nan, math.nan, 0, greedy)
+                total, decoded = float(torch.cat(nll).sum()), bool(torch.cat(ok).all())
+                out[i] = Estimate(total, 0.0, 0, decoded) if self.exact else Estimate(math.nan, math.nan, 0, decoded)
         if not self.exact:
             for i, draws in self._elbo_draws(windows, todo).items():
                 k = draws.numel()
                 stderr = float(draws.std(unbiased=True) / math.sqrt(k)) if k > 1 else math.nan
-                greedy = out[i].greedy if out[i] is not None else None
-                out[i] = Estimate(float(draws.mean()), stderr, k, greedy)
+                decoded = out[i].greedy if out[i] is not None else None  # type: ignore[union-attr]
+                out[i] = Estimate(float(draws.mean()), stderr, k, decoded)
         return out  # type: ignore[return-value]
 
     # -- rows ------------------------------------------------------------------------------------
