@@ -6,7 +6,7 @@ For each mode the benchmark starts ``maskdiff serve RUN`` as its own process on 
 C sends ``--requests`` requests (C clients, each sending its share one after the other; a level
 stops issuing requests after ``--max-seconds``) and reports:
 
-* requests/s and generated tokens/s (positions the samples filled, over the level's wall time);
+* requests/s and generated tokens/s (positions sampled, over the level's wall time);
 * p50 and p99 latency of a request (send to full response);
 * errors (any status other than 200, or a failed connection: must be 0);
 * network calls per request-call (``/v1/stats``: how many requests shared a network call);
@@ -14,8 +14,8 @@ stops issuing requests after ``--max-seconds``) and reports:
 
 Modes: ``batched`` (``--max-active 64``: concurrent requests share network calls) and ``serial``
 (``--max-active 1``: one request sampled at a time, the others queued); the ratio of their
-requests/s is printed per level. Every request: ``--steps`` steps, one sample of the model's length
-after a short prompt, its own seed.
+requests/s is printed per level. Every request: ``--steps`` steps, one unconditional sample of the
+model's length (every position generated), its own seed.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_serve.py --run runs/demo
 """
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-PROMPT = "the "
 
 
 def free_port() -> int:
@@ -99,7 +97,7 @@ async def run_level(url: str, clients: int, requests: int, body: dict, max_secon
                     errors += 1
                     continue
                 out = r.json()
-                tokens += sum(len(s["tokens"]) - len(PROMPT) for s in out["samples"])
+                tokens += sum(len(s["tokens"]) for s in out["samples"])
 
         wall = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -140,7 +138,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
-    body = {"prompt": PROMPT, "steps": args.steps, "num_samples": 1}
+    body = {"steps": args.steps, "num_samples": 1}
 
     info_proc, url = start_server(args.run, 1, 0, args.threads)
     try:
