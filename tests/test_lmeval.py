@@ -411,3 +411,17 @@ def test_gpt2_token_model_through_the_harness(tasks):
     for (text,), r in records_by_kind(lm, "loglikelihood_rolling").items():
         assert r["loglikelihood"] == pytest.approx(-len(tok.encode(text)) * log_v, rel=1e-12)
     assert res["results"]["toy_roll"]["bits_per_byte,none"] > 0
+
+
+def test_the_harness_cli_entry_registers_the_model(monkeypatch, capsys):
+    """``python -m maskdiff.apps.lmeval`` is the harness's CLI with "maskdiff" registered (a full run
+    builds the harness's whole task index, ~20 s: docs/lm-eval.md shows one)."""
+    from lm_eval.api.registry import get_model
+
+    from maskdiff.apps.lmeval.__main__ import main as harness_main
+
+    monkeypatch.setattr("sys.argv", ["lm-eval", "run", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        harness_main()
+    assert exit_.value.code == 0 and "--model_args" in capsys.readouterr().out
+    assert get_model("maskdiff") is MaskdiffLM
