@@ -100,6 +100,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_new(path: Path, obj: object) -> Path:
+    """Write JSON to ``path``, or to ``<stem>-2``, ``-3``, ... when it exists (nothing is replaced)."""
+    target, k = path, 1
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    target.write_text(json.dumps(obj, indent=2) + "\n")
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", required=True, help="folder with the run folders ar, md4, genmd4 (read only)")
@@ -120,11 +130,13 @@ def main() -> None:
         if rows[-1]["method"] == "md4":
             rows[-1]["estimator_errors"] = estimator_errors(Path(args.runs) / method, Path(args.tasks), args.draws, 100)
         print(json.dumps(rows[-1]), flush=True)
-    summary, k = Path(args.out) / "compare.json", 1
-    while summary.exists():
-        k += 1
-        summary = Path(args.out) / f"compare-{k}.json"
-    summary.write_text(json.dumps(rows, indent=2) + "\n")
+        write_new(out / "row.json", rows[-1])
+    # the table holds the newest row of every method under OUT (methods may be run one at a time)
+    rows = [json.loads(max(d.glob("row*.json"), key=lambda p: p.stat().st_mtime).read_text())
+            for d in sorted(Path(args.out).iterdir()) if d.is_dir() and list(d.glob("row*.json"))]
+    order = {m: i for i, m in enumerate(["ar", "md4", "genmd4"])}
+    rows.sort(key=lambda r: order.get(r["method"], 9))
+    summary = write_new(Path(args.out) / "compare.json", rows)
     print(table(rows))
     for r in rows:
         if "estimator_errors" in r:
