@@ -1,21 +1,23 @@
 """Load on ``maskdiff serve``: 1, 4, 16 and 64 concurrent clients, batched serving against one
 request at a time, in one run.
 
-For each mode the benchmark starts ``maskdiff serve RUN`` as its own process on a free port of
-127.0.0.1 (nothing else is contacted), sends one warm-up request, then for each number of clients
-C sends ``--requests`` requests (C clients, each sending its share one after the other; a level
-stops issuing requests after ``--max-seconds``) and reports:
+The benchmark starts two ``maskdiff serve RUN`` processes on free ports of 127.0.0.1 (nothing else
+is contacted): ``batched`` (``--max-active 64``: concurrent requests share network calls) and
+``serial`` (``--max-active 1``: one request sampled at a time, the others queued). After a warm-up
+request each, for each number of clients C it sends ``--requests`` requests to each server (C
+clients, each sending its share one after the other; a round stops issuing requests after
+``--max-seconds``), ``--rounds`` times with the two modes alternating, and reports per mode:
 
-* requests/s and generated tokens/s (positions sampled, over the level's wall time);
-* p50 and p99 latency of a request (send to full response);
+* requests/s and generated tokens/s (positions sampled over the round's wall time; median over
+  the rounds);
+* p50 and p99 latency of a request (send to full response; over every request of the level);
 * errors (any status other than 200, or a failed connection: must be 0);
-* network calls per request-call (``/v1/stats``: how many requests shared a network call);
-* the server's resident memory (VmRSS) after the warm-up and after the last level.
+* requests per network call (``/v1/stats``: how many requests shared a network call);
+* each server's resident memory (VmRSS) after the warm-up and after the last level;
 
-Modes: ``batched`` (``--max-active 64``: concurrent requests share network calls) and ``serial``
-(``--max-active 1``: one request sampled at a time, the others queued); the ratio of their
-requests/s is printed per level. Every request: ``--steps`` steps, one unconditional sample of the
-model's length (every position generated), its own seed.
+and the ratio batched / serial of the requests/s. Every request: ``--steps`` steps, one
+unconditional sample of ``--length`` tokens (default the model's; every position generated), its
+own seed.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/bench_serve.py --run runs/demo
 """
@@ -106,68 +108,86 @@ async def run_level(url: str, clients: int, requests: int, body: dict, max_secon
     calls = after["network_calls"] - before["network_calls"]
     asked = after["network_requests"] - before["network_requests"]
     lat = sorted(latencies)
-    return {"clients": clients, "requests": len(lat), "errors": errors, "wall_s": wall,
+    return {"clients": clients, "requests": len(lat), "errors": errors, "wall_s": wall, "latencies": lat,
             "requests_per_s": len(lat) / wall, "tokens_per_s": tokens / wall,
             "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
             "requests_per_network_call": asked / max(calls, 1)}
 
 
-def bench_mode(args: argparse.Namespace, mode: str, body: dict) -> dict:
-    max_active = max(args.clients) if mode == "batched" else 1
-    proc, url = start_server(args.run, max_active, max(args.clients), args.threads)
-    try:
-        httpx.post(url + "/v1/generate", json={**body, "seed": 0}, timeout=600).raise_for_status()  # warm-up
-        rss_before = rss_mib(proc.pid)
-        levels = [asyncio.run(run_level(url, c, args.requests, body, args.max_seconds)) for c in args.clients]
-        rss_after = rss_mib(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return {"mode": mode, "max_active": max_active, "rss_before_mib": rss_before, "rss_after_mib": rss_after,
-            "levels": levels}
+def median_level(runs: list[dict]) -> dict:
+    """One level's rounds together: median requests/s and tokens/s over the rounds, latency
+    percentiles over every request, errors and requests summed."""
+    lat = sorted(x for r in runs for x in r["latencies"])
+    return {"clients": runs[0]["clients"], "rounds": len(runs), "requests": len(lat),
+            "errors": sum(r["errors"] for r in runs),
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+            "requests_per_network_call": statistics.median(r["requests_per_network_call"] for r in runs)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/shared-compare/md4", help="run folder to serve (read-only)")
     p.add_argument("--clients", default="1,4,16,64", help="numbers of concurrent clients")
-    p.add_argument("--requests", type=int, default=64, help="requests per level (all clients together)")
+    p.add_argument("--requests", type=int, default=32, help="requests per level and round (all clients together)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per level; the modes alternate within a level")
     p.add_argument("--steps", type=int, default=32, help="sampling steps per request")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="a level issues no request after this")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="a level's round issues no request after this")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
-    body = {"steps": args.steps, "num_samples": 1}
+    clients = [int(c) for c in args.clients.split(",")]
+    body = {"steps": args.steps, "num_samples": 1, **({"length": args.length} if args.length else {})}
 
-    info_proc, url = start_server(args.run, 1, 0, args.threads)
+    modes = {"batched": max(clients), "serial": 1}  # max_active of each server
+    servers = {mode: start_server(args.run, active, max(clients), args.threads) for mode, active in modes.items()}
     try:
-        info = httpx.get(url + "/v1/model").json()
+        info = httpx.get(servers["batched"][1] + "/v1/model").json()
+        rss_before = {}
+        for mode, (proc, url) in servers.items():
+            httpx.post(url + "/v1/generate", json={**body, "seed": 0}, timeout=600).raise_for_status()  # warm-up
+            rss_before[mode] = rss_mib(proc.pid)
+        print(f"run {args.run}: {info['method']}, model length {info['length']}, {info['vocabulary']['kind']} "
+              f"vocabulary; requests of {args.length or info['length']} tokens, {args.steps} steps; "
+              f"{args.requests} requests per level and round, {args.rounds} rounds; server threads {args.threads}",
+              flush=True)
+        levels: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for c in clients:
+            rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for k in range(args.rounds):
+                order = list(modes) if k % 2 == 0 else list(reversed(modes))  # alternate: drifts cancel
+                for mode in order:
+                    rounds[mode].append(asyncio.run(run_level(servers[mode][1], c, args.requests, body,
+                                                              args.max_seconds)))
+            for mode in modes:
+                levels[mode].append(median_level(rounds[mode]))
+        rss_after = {mode: rss_mib(proc.pid) for mode, (proc, _) in servers.items()}
     finally:
-        info_proc.terminate()
-        info_proc.wait(timeout=30)
-    print(f"run {args.run}: {info['method']}, length {info['length']}, {info['vocabulary']['kind']} vocabulary; "
-          f"{args.steps} steps per request, {args.requests} requests per level, server threads {args.threads}")
-    results = {mode: bench_mode(args, mode, body) for mode in ("batched", "serial")}
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
 
     print("\n| mode | clients | requests | req/s | tokens/s | p50 s | p99 s | errors | requests per network call |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for mode, res in results.items():
-        for lv in res["levels"]:
+    for mode in modes:
+        for lv in levels[mode]:
             print(f"| {mode} | {lv['clients']} | {lv['requests']} | {lv['requests_per_s']:.2f} | "
                   f"{lv['tokens_per_s']:.0f} | {lv['p50_s']:.2f} | {lv['p99_s']:.2f} | {lv['errors']} | "
                   f"{lv['requests_per_network_call']:.1f} |")
     print("\n| mode | RSS after warm-up MiB | RSS after the last level MiB |")
     print("|---|---|---|")
-    for mode, res in results.items():
-        print(f"| {mode} | {res['rss_before_mib']:.0f} | {res['rss_after_mib']:.0f} |")
-    print("\nbatched / serial requests/s: " + ", ".join(
+    for mode in modes:
+        print(f"| {mode} | {rss_before[mode]:.0f} | {rss_after[mode]:.0f} |")
+    print("\nbatched / serial requests/s (medians over rounds): " + ", ".join(
         f"{b['clients']} clients {b['requests_per_s'] / s['requests_per_s']:.2f}x"
-        for b, s in zip(results["batched"]["levels"], results["serial"]["levels"])))
-    errors = sum(lv["errors"] for res in results.values() for lv in res["levels"])
+        for b, s in zip(levels["batched"], levels["serial"])))
+    errors = sum(lv["errors"] for mode in modes for lv in levels[mode])
     print(f"errors in all: {errors}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": args.run, "steps": args.steps, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"run": args.run, "args": vars(args), "levels": levels,
+                                               "rss_before_mib": rss_before, "rss_after_mib": rss_after}, indent=1))
     if errors:
         raise SystemExit(1)
 
