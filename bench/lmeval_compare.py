@@ -4,7 +4,8 @@ For each run folder RUNS/<method> (read only; everything is written under OUT/<m
 
 1. ``maskdiff lm-eval RUN --tasks wiki_cloze,wiki_rolling --include-path TASKS --draws K --no-greedy``
    (the negative ELBO with the context fixed; the AR baseline's exact likelihood);
-2. for MD4 and GenMD4 also ``--likelihood exact-order --tasks wiki_cloze`` (the left-to-right order);
+2. for MD4 and GenMD4 also ``--likelihood exact-order --tasks wiki_cloze`` (the left-to-right order;
+   exact and deterministic, so a result already in OUT/<method>/ is read instead);
 3. ``maskdiff eval RUN --split test --max-chunks N --draws 2 --out OUT/<method>/eval-test-nN-K2.json``
    on the chunks that ``wiki_rolling``'s documents cover (N = documents × characters / seq_len),
 
@@ -52,8 +53,12 @@ def evaluate(run: Path, tasks: Path, out: Path, draws: int, eval_draws: int, exa
                mean_mc_stderr=mc["wiki_cloze"]["mean_mc_stderr"], seconds_elbo=time.perf_counter() - t0)
     if exact and method != "ar":
         t0 = time.perf_counter()
-        path, order = run_lm_eval(run, tasks=["wiki_cloze"], include_path=str(tasks), likelihood="exact-order",
-                                  out=out, greedy=False)
+        path = out / "lmeval-wiki_cloze-exact.json"  # deterministic: an earlier result is read, not recomputed
+        if path.exists():
+            order = json.loads(path.read_text())
+        else:
+            path, order = run_lm_eval(run, tasks=["wiki_cloze"], include_path=str(tasks), likelihood="exact-order",
+                                      out=out, greedy=False)
         row.update(acc_order=order["results"]["wiki_cloze"]["acc,none"],
                    acc_order_se=order["results"]["wiki_cloze"]["acc_stderr,none"], file_order=str(path),
                    seconds_order=time.perf_counter() - t0)

@@ -185,14 +185,21 @@ def test_mask_count_law_and_draws():
     resid = (m - 1) - (n - 1) * (1 - a)  # E[m - 1 | a] = (n - 1)(1 - a)
     assert abs(float(resid.mean())) < 4 * float(resid.std() / math.sqrt(resid.numel()))
     cdf = torch.cumsum(est.mask_count_probabilities(n, a0, a1), 0)
-    for row in m:  # stratified: K draws hold each count as often as K q(m), up to one (independent draws do not)
-        below = (row[None, :] <= torch.arange(1, n + 1)[:, None]).sum(1).double()
-        assert ((below - 8 * cdf).abs() <= 1 + 1e-9).all()
+    low = (torch.arange(8) // 2) / 4  # strata of two draws: draws 2h, 2h+1 own the quantile band [h/4, (h+1)/4)
+
+    def in_bands(row):  # m = Q⁻¹(u) for a u in the band: Q(m - 1) ≤ u < Q(m)
+        below = torch.cat([torch.zeros(1, dtype=torch.float64), cdf])[row.long() - 1]
+        return bool(((below <= low + 0.25 + 1e-12) & (cdf[row.long() - 1] >= low - 1e-12)).all())
+
+    assert all(in_bands(row) for row in m)  # every count in its stratum's band (independent draws are not)
     independent = torch.multinomial(est.mask_count_probabilities(n, a0, a1), 8 * 500, replacement=True,
                                     generator=g).view(500, 8) + 1
-    misses = sum(bool(((((r[None, :] <= torch.arange(1, n + 1)[:, None]).sum(1)) - 8 * cdf).abs() > 1 + 1e-9).any())
-                 for r in independent)
-    assert misses > 100
+    assert sum(not in_bands(r.double()) for r in independent) > 400
+    # the error of stratified draws: unbiased, and below sd/√K when the strata differ
+    values, strata = torch.tensor([1.0, 1.2, 5.0, 5.4]), est.strata_of(4)
+    assert est.stratified_stderr(values, strata) == pytest.approx(math.sqrt(2 * 0.02 + 2 * 0.08) / 4)
+    assert est.stratified_stderr(values, strata) < float(values.std() / 2)
+    assert est.strata_of(5).tolist() == [0, 0, 1, 1, 1] and math.isnan(est.stratified_stderr(values[:1], strata[:1]))
     sched = maskdiff.get_schedule("cosine")
     t = torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64)
     assert torch.allclose(est.time_of_alpha(sched, sched.alpha(t)), t, atol=1e-9)

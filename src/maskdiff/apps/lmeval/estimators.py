@@ -15,14 +15,15 @@ first ``n_context`` of which are context (never masked, never scored) and the ot
 
   with M a uniformly random set of m scored positions, z_M the window with M masked, and t drawn
   from its law given m (:func:`draw_mask_counts`). It equals :func:`maskdiff.losses.md4_loss_terms`'
-  bound (the same integral, substituted a = α(t)); the K draws of a window take stratified mask
-  counts (m_k = Q⁻¹((u + k)/K), one uniform u per window, Q the CDF of q). A model that predicts
-  uniformly gives exactly n log V on every draw: Monte Carlo error 0.
+  bound (the same integral, substituted a = α(t)). Variance reduction: the K draws of a window are
+  stratified in the mask count (strata of two draws, each stratum a band of q's quantiles; the
+  error :func:`stratified_stderr` is unbiased). A model that predicts uniformly gives exactly
+  n log V on every draw: Monte Carlo error 0.
 * ``likelihood="elbo"``, ``estimator="times"`` (MD4) and every GenMD4 run: the library's own loss,
   :class:`maskdiff.model.MaskedDiffusion` ``forward`` with a score mask on the scored tokens, K rows
-  per window (times stratified across the rows, the loss's antithetic draw) and a network wrapper
-  that puts the context back before every call (:class:`ContextNetwork`), so the context is never
-  masked. GenMD4's per-token schedule has no mask-count form.
+  per window with independent times (error sd/√K) and a network wrapper that puts the context back
+  before every call (:class:`ContextNetwork`), so the context is never masked. GenMD4's per-token
+  schedule has no mask-count form.
 * ``likelihood="exact-order"``: the exact log-likelihood of the left-to-right unmasking order:
   one network row per scored token j, with tokens j, j+1, ... masked, scoring token j. A proper
   normalised likelihood (of the autoregressive model that order defines), not the diffusion bound.
@@ -148,22 +149,49 @@ def _order_statistic(n: int, rank: Tensor, lo: float, hi: float, generator: torc
     raise RuntimeError(f"could not draw alpha in [{lo}, {hi}] for n={n}: the schedule's range is too narrow")
 
 
+def strata_of(draws: int) -> Tensor:
+    """The stratum of each of K draws, (K,) long: strata of two draws (K odd: the last of three), so
+    that every stratum has its own variance estimate; K = 1 is one stratum of one draw."""
+    if draws < 2:
+        return torch.zeros(draws, dtype=torch.long)
+    return (torch.arange(draws) // 2).clamp(max=draws // 2 - 1)
+
+
 def draw_mask_counts(n: int, draws: int, alpha0: float, alpha1: float,
                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """K = ``draws`` stratified draws of (m, a): mask counts m (K,) long and α values a (K,) float64.
 
-    m_k = Q⁻¹((u + k)/K) with one uniform u (each m_k has law q, :func:`mask_count_probabilities`,
-    and the K counts cover q's quantiles evenly); then a_k given m_k has density ∝
-    (1-a)^{m-1} a^{n-m} on [α(1), α(0)], a Beta(n-m+1, m) restricted to that range, drawn as the
-    (n-m+1)-th smallest of n uniforms. (m, a) then has the joint law of the mask-count form.
+    Stratified sampling of q (:func:`mask_count_probabilities`, CDF Q): stratum h of
+    :func:`strata_of` owns the probability band [c_h/K, (c_h + n_h)/K) (c_h draws before it, n_h in
+    it) and each of its draws is m = Q⁻¹(u) for its own uniform u in the band, so every m_k has law
+    q, the counts cover q's quantiles evenly, and draws are independent within a stratum. Then a_k
+    given m_k has density ∝ (1-a)^{m-1} a^{n-m} on [α(1), α(0)], a Beta(n-m+1, m) restricted to that
+    range, drawn as the (n-m+1)-th smallest of n uniforms. (m, a) has the mask-count form's joint law.
     """
     q = mask_count_probabilities(n, alpha0, alpha1)
     cdf = torch.cumsum(q, 0)
-    u = torch.rand(1, generator=generator, dtype=torch.float64)
-    strata = torch.remainder(u + torch.arange(draws, dtype=torch.float64) / draws, 1.0)
-    m = (torch.searchsorted(cdf, strata, right=True) + 1).clamp(max=n)
+    strata = strata_of(draws)
+    sizes = torch.bincount(strata).double()
+    start = torch.cumsum(sizes, 0) - sizes  # c_h
+    u = (start[strata] + sizes[strata] * torch.rand(draws, generator=generator, dtype=torch.float64)) / draws
+    m = (torch.searchsorted(cdf, u, right=True) + 1).clamp(max=n)
     a = _order_statistic(n, n - m + 1, alpha1, alpha0, generator)
     return m, a
+
+
+def stratified_stderr(values: Tensor, strata: Tensor) -> float:
+    """Standard error of the mean of K stratified draws (proportional allocation: stratum h holds
+    n_h of the K draws and 1/K of the probability per draw): sqrt(Σ_h n_h s_h²) / K with s_h² the
+    within-stratum sample variance, unbiased when every stratum has two draws or more; NaN for K = 1.
+    With one stratum it is the plain sd/√K of independent draws."""
+    k = values.numel()
+    if k < 2:
+        return math.nan
+    total = 0.0
+    for h in strata.unique():
+        v = values[strata == h].double()
+        total += v.numel() * float(v.var(unbiased=True))
+    return math.sqrt(total) / k
 
 
 def time_of_alpha(schedule: Schedule, a: Tensor) -> Tensor:
@@ -300,9 +328,9 @@ class LikelihoodEstimator:
                 total, decoded = float(torch.cat(nll).sum()), bool(torch.cat(ok).all())
                 out[i] = Estimate(total, 0.0, 0, decoded) if self.exact else Estimate(math.nan, math.nan, 0, decoded)
         if not self.exact:
-            for i, draws in self._elbo_draws(windows, todo).items():
+            for i, (draws, strata) in self._elbo_draws(windows, todo).items():
                 k = draws.numel()
-                stderr = float(draws.std(unbiased=True) / math.sqrt(k)) if k > 1 else math.nan
+                stderr = stratified_stderr(draws, strata)
                 decoded = out[i].greedy if out[i] is not None else None  # type: ignore[union-attr]
                 out[i] = Estimate(float(draws.mean()), stderr, k, decoded)
         return out  # type: ignore[return-value]
@@ -399,8 +427,8 @@ class LikelihoodEstimator:
 
     # -- the ELBO ----------------------------------------------------------------------------------
 
-    def _elbo_draws(self, windows: Sequence[Window], todo: list[int]) -> dict[int, Tensor]:
-        """K negative-ELBO draws (nats, float64 (K,)) per window."""
+    def _elbo_draws(self, windows: Sequence[Window], todo: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
+        """K negative-ELBO draws (nats, float64 (K,)) per window, with their strata (K,)."""
         if self.estimator == "counts":
             rows = [row for i in todo for row in self._count_rows(i, windows[i])]
             log_v = math.log(self.vocab_size)
@@ -409,16 +437,19 @@ class LikelihoodEstimator:
                 n = windows[i].n_scored
                 diffusion = torch.stack([(self.alpha0 - self.alpha1) * n * v.mean() for v in nll])  # (K,)
                 # reconstruction n (1 - α(0)) log V and prior n α(1) log V, as in maskdiff.losses
-                out[i] = diffusion + n * (1.0 - self.alpha0) * log_v + n * self.alpha1 * log_v
+                out[i] = (diffusion + n * (1.0 - self.alpha0) * log_v + n * self.alpha1 * log_v, strata_of(self.draws))
             return out
-        return {i: self._library_draws(windows[i]) for i in self._bar(todo, "windows")}
+        return {i: (self._library_draws(windows[i]), torch.zeros(self.draws, dtype=torch.long))
+                for i in self._bar(todo, "windows")}
 
     def _library_draws(self, w: Window) -> Tensor:
-        """K draws of the library's loss (MaskedDiffusion.forward) with the context held fixed."""
+        """K independent draws of the library's loss (MaskedDiffusion.forward) with the context held
+        fixed. Times are drawn independently (not the loss's antithetic stratification, whose single
+        offset leaves no unbiased estimate of the error), so sd/√K is the Monte Carlo error."""
         if self._context_model is None:
             m = self.model
             self._context_model = MaskedDiffusion(ContextNetwork(m.network), m.schedule, m.method, t1=m.t1,
-                                                  antithetic=True, chunked_loss=m.chunked_loss).eval()
+                                                  antithetic=False, chunked_loss=m.chunked_loss).eval()
         g = torch.Generator().manual_seed(window_seed(self.seed, w))
         x = torch.tensor(w.tokens, dtype=torch.long, device=self.device).repeat(self.draws, 1)  # (K, L)
         known = torch.zeros_like(x, dtype=torch.bool)
