@@ -4,7 +4,7 @@ request at a time, in one run.
 The benchmark starts two ``maskdiff serve RUN`` processes on free ports of 127.0.0.1 (nothing else
 is contacted): ``batched`` (``--max-active 64``: concurrent requests share network calls) and
 ``serial`` (``--max-active 1``: one request sampled at a time, the others queued). After a warm-up
-request each, for each number of clients C it sends ``--requests`` requests to each server (C
+request each, for each number of clients C it sends ``max(--requests, C)`` requests to each server (C
 clients, each sending its share one after the other; a round stops issuing requests after
 ``--max-seconds``), ``--rounds`` times with the two modes alternating, and reports per mode:
 
@@ -13,9 +13,11 @@ clients, each sending its share one after the other; a round stops issuing reque
 * p50 and p99 latency of a request (send to full response; over every request of the level);
 * errors (any status other than 200, or a failed connection: must be 0);
 * requests per network call (``/v1/stats``: how many requests shared a network call);
+* the server's CPU time per request (user + system from /proc: on a busy machine a steadier measure
+  of what batching saves than wall time);
 * each server's resident memory (VmRSS) after the warm-up and after the last level;
 
-and the ratio batched / serial of the requests/s. Every request: ``--steps`` steps, one
+and the ratios batched / serial of requests/s and serial / batched of CPU time per request. Every request: ``--steps`` steps, one
 unconditional sample of ``--length`` tokens (default the model's; every position generated), its
 own seed.
 
@@ -52,6 +54,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(run: str, max_active: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "maskdiff.cli", "serve", run, "--port", str(port), "--host", "127.0.0.1",
@@ -72,8 +80,9 @@ def start_server(run: str, max_active: int, queue: int, threads: int) -> tuple[s
     raise SystemExit("maskdiff serve did not start within 120 s")
 
 
-async def run_level(url: str, clients: int, requests: int, body: dict, max_seconds: float) -> dict:
-    """``requests`` requests from ``clients`` concurrent clients; latencies, errors, wall time."""
+async def run_level(url: str, pid: int, clients: int, requests: int, body: dict, max_seconds: float) -> dict:
+    """``requests`` requests from ``clients`` concurrent clients to the server ``pid`` at ``url``:
+    latencies, errors, wall time and the server's CPU time."""
     latencies: list[float] = []
     errors = 0
     tokens = 0
@@ -101,9 +110,9 @@ async def run_level(url: str, clients: int, requests: int, body: dict, max_secon
                 out = r.json()
                 tokens += sum(len(s["tokens"]) for s in out["samples"])
 
-        wall = time.perf_counter()
+        wall, cpu = time.perf_counter(), cpu_s(pid)
         await asyncio.gather(*(client() for _ in range(clients)))
-        wall = time.perf_counter() - wall
+        wall, cpu = time.perf_counter() - wall, cpu_s(pid) - cpu
         after = (await http.get("/v1/stats")).json()
     calls = after["network_calls"] - before["network_calls"]
     asked = after["network_requests"] - before["network_requests"]
@@ -111,7 +120,7 @@ async def run_level(url: str, clients: int, requests: int, body: dict, max_secon
     return {"clients": clients, "requests": len(lat), "errors": errors, "wall_s": wall, "latencies": lat,
             "requests_per_s": len(lat) / wall, "tokens_per_s": tokens / wall,
             "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
-            "requests_per_network_call": asked / max(calls, 1)}
+            "requests_per_network_call": asked / max(calls, 1), "server_cpu_ms_per_request": 1000 * cpu / len(lat)}
 
 
 def median_level(runs: list[dict]) -> dict:
@@ -123,7 +132,8 @@ def median_level(runs: list[dict]) -> dict:
             "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
-            "requests_per_network_call": statistics.median(r["requests_per_network_call"] for r in runs)}
+            "requests_per_network_call": statistics.median(r["requests_per_network_call"] for r in runs),
+            "server_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in runs)}
 
 
 def main() -> None:
@@ -159,7 +169,8 @@ def main() -> None:
             for k in range(args.rounds):
                 order = list(modes) if k % 2 == 0 else list(reversed(modes))  # alternate: drifts cancel
                 for mode in order:
-                    rounds[mode].append(asyncio.run(run_level(servers[mode][1], c, args.requests, body,
+                    proc, url = servers[mode]
+                    rounds[mode].append(asyncio.run(run_level(url, proc.pid, c, max(args.requests, c), body,
                                                               args.max_seconds)))
             for mode in modes:
                 levels[mode].append(median_level(rounds[mode]))
@@ -169,19 +180,23 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print("\n| mode | clients | requests | req/s | tokens/s | p50 s | p99 s | errors | requests per network call |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | clients | requests | req/s | tokens/s | p50 s | p99 s | errors | requests per network call "
+          "| server CPU ms per request |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         for lv in levels[mode]:
             print(f"| {mode} | {lv['clients']} | {lv['requests']} | {lv['requests_per_s']:.2f} | "
                   f"{lv['tokens_per_s']:.0f} | {lv['p50_s']:.2f} | {lv['p99_s']:.2f} | {lv['errors']} | "
-                  f"{lv['requests_per_network_call']:.1f} |")
+                  f"{lv['requests_per_network_call']:.1f} | {lv['server_cpu_ms_per_request']:.0f} |")
     print("\n| mode | RSS after warm-up MiB | RSS after the last level MiB |")
     print("|---|---|---|")
     for mode in modes:
         print(f"| {mode} | {rss_before[mode]:.0f} | {rss_after[mode]:.0f} |")
     print("\nbatched / serial requests/s (medians over rounds): " + ", ".join(
         f"{b['clients']} clients {b['requests_per_s'] / s['requests_per_s']:.2f}x"
+        for b, s in zip(levels["batched"], levels["serial"])))
+    print("serial / batched server CPU per request: " + ", ".join(
+        f"{b['clients']} clients {s['server_cpu_ms_per_request'] / b['server_cpu_ms_per_request']:.2f}x"
         for b, s in zip(levels["batched"], levels["serial"])))
     errors = sum(lv["errors"] for mode in modes for lv in levels[mode])
     print(f"errors in all: {errors}")
