@@ -389,6 +389,13 @@ def test_generate_until(golden_run, ar_run):
         assert len(first) <= 12 and "q" not in first and len(second) == min(40, cap or 40)
         assert set(first + second) <= set(" abcdefghijklmnopqrstuvwxyz")
         assert lm.generate_until(reqs) == [first, second]  # seeded by the request
+    # another sampler by name, with an option, as model arguments
+    lm = MaskdiffLM(run=str(golden_run), sampler="remdm", sampler_eta="0.1", progress=False)
+    assert lm.sampler_options == {"eta": "0.1"}
+    (text,) = lm.generate_until([SimpleNamespace(args=("the history of", {"max_gen_toks": 8}))])
+    assert len(text) == 8 and set(text) <= set(" abcdefghijklmnopqrstuvwxyz")
+    with pytest.raises(TypeError, match="no option 'no_such_option'"):
+        MaskdiffLM(run=str(golden_run), sampler="remdm", sampler_no_such_option=1, progress=False)
 
 
 def test_gpt2_token_model_through_the_harness(tasks):

@@ -34,6 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", default="text8", choices=["text8", "none"],
                    help="character runs: text8 maps text to a-z and space; none refuses other characters")
     p.add_argument("--sampler", default="ancestral", help="generate_until: the sampler (maskdiff.sampling.sampler_names())")
+    p.add_argument("--sampler-option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="generate_until: an option of the sampler (repeatable; `maskdiff sample --sampler-option help`)")
     p.add_argument("--steps", type=int, default=None, help="generate_until: sampling steps (default one per new token)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="network rows per call")
@@ -48,12 +50,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     from maskdiff.apps.lmeval.report import format_lmeval_table, run_lm_eval
+    from maskdiff.cli.commands import _sampler_options
 
     tasks = [t.strip() for t in args.tasks.split(",")]
     path, kept = run_lm_eval(args.run_dir, tasks=tasks, limit=args.limit, include_path=args.include_path,
                              draws=args.draws, likelihood=args.likelihood, estimator=args.estimator, seed=args.seed,
                              batch_size=args.batch_size, device=args.device, weights=args.weights,
                              normalize=args.normalize, num_fewshot=args.num_fewshot, sampler=args.sampler,
+                             sampler_options=_sampler_options(args.sampler_options) or None,
                              steps=args.steps, out=args.out, greedy=not args.no_greedy, progress=not args.no_progress)
     print(format_lmeval_table(kept))
     print(f"results in {path}", file=sys.stderr)

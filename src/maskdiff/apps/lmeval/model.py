@@ -10,7 +10,8 @@ Model arguments (``model_args``; docs/lm-eval.md): ``run`` (the folder), ``likel
 ``batch_size`` (network rows per call), ``device``, ``weights`` (``ema`` | ``raw``), ``normalize``
 (``text8`` | ``none``, character runs), ``greedy`` (compute ``is_greedy``), ``sampler``, ``steps``
 (sampling steps for ``generate_until``; default one per generated token), ``max_gen_toks``,
-``mc_log`` (a JSONL file that receives every estimate with its Monte Carlo error).
+``mc_log`` (a JSONL file that receives every estimate with its Monte Carlo error); ``sampler_<option>``
+(e.g. ``sampler=remdm,sampler_sigma=0.1``) passes an option to the sampler (docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from maskdiff.data import CHAR_CORPORA
 from maskdiff.devices import resolve_device
 from maskdiff.fileio import append_line
 from maskdiff.sampling import make_fixed, sample, sampler_names
+from maskdiff.sampling.registry import get_sampler
 
 __all__ = ["MaskdiffLM", "combine"]
 
@@ -66,8 +68,13 @@ class MaskdiffLM(LM):
                  estimator: str = "counts", draws: int = 4, batch_size: int | str | None = 32, seed: int = 0,
                  device: str | None = "auto", weights: str = "ema", normalize: str = "text8", greedy: Any = True,
                  sampler: str = "ancestral", steps: int | None = None, max_gen_toks: int = 256,
-                 mc_log: str | None = None, progress: Any = True, **unused: Any) -> None:
+                 mc_log: str | None = None, progress: Any = True, sampler_options: dict[str, Any] | None = None,
+                 **unused: Any) -> None:
         super().__init__()
+        #: the sampler's options: ``sampler_options`` and every ``sampler_<option>`` model argument
+        self.sampler_options = dict(sampler_options or {})
+        self.sampler_options.update({k[len("sampler_"):]: v for k, v in unused.items() if k.startswith("sampler_")})
+        get_sampler(sampler, self.sampler_options)  # an unknown sampler or option fails here, before any work
         if run is None:
             raise ValueError("the maskdiff model needs its run folder: model_args='run=PATH'")
         if sampler not in sampler_names():
@@ -111,7 +118,7 @@ class MaskdiffLM(LM):
                     likelihood="exact" if e.method == "ar" else e.likelihood,
                     estimator=None if e.exact else e.estimator, draws=None if e.exact else e.draws, seed=self.seed,
                     normalize=self.codec.normalize if self.codec.characters else None, seq_len=e.seq_len,
-                    sampler=self.sampler, steps=self.steps)
+                    sampler=self.sampler, sampler_options=self.sampler_options or None, steps=self.steps)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -194,7 +201,8 @@ class MaskdiffLM(LM):
         fixed = make_fixed(len(keep) + new, prefix=keep) if keep else None
         tokens = sample(model.denoiser, model.schedule, batch_size=1, length=len(keep) + new,
                         vocab_size=model.vocab_size, num_steps=self.steps or new, generator=generator,
-                        sampler=self.sampler, temperature=temperature, fixed=fixed, cache="auto", device=self._device)
+                        sampler=self.sampler, temperature=temperature, fixed=fixed, cache="auto", device=self._device,
+                        **self.sampler_options)
         return self.codec.decode(tokens[0, len(keep):].tolist())
 
     def _generate_ar(self, ids: list[int], max_new: int, temperature: float, generator: torch.Generator,

@@ -111,7 +111,8 @@ def run_lm_eval(run_dir: str | os.PathLike, *, tasks: list[str], limit: int | No
                 include_path: str | None = None, draws: int = 4, likelihood: str = "elbo", estimator: str = "counts",
                 seed: int = 0, batch_size: int = 32, device: str = "auto", weights: str = "ema",
                 normalize: str = "text8", num_fewshot: int | None = None, sampler: str = "ancestral",
-                steps: int | None = None, out: str | os.PathLike | None = None, greedy: bool = True,
+                sampler_options: dict[str, Any] | None = None, steps: int | None = None,
+                out: str | os.PathLike | None = None, greedy: bool = True,
                 progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Evaluate a run folder on harness tasks; returns (the file written, what it holds).
 
@@ -138,7 +139,7 @@ def run_lm_eval(run_dir: str | os.PathLike, *, tasks: list[str], limit: int | No
 
     lm = MaskdiffLM(run=str(run_dir), likelihood=likelihood, estimator=estimator, draws=draws,
                     batch_size=batch_size, seed=seed, device=device, weights=weights, normalize=normalize,
-                    sampler=sampler, steps=steps, greedy=greedy, progress=progress)
+                    sampler=sampler, sampler_options=sampler_options, steps=steps, greedy=greedy, progress=progress)
     manager = None
     if include_path:  # the harness's own task index takes a while to build: only when a task needs it
         local = TaskManager(include_path=include_path, include_defaults=False)
