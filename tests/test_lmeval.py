@@ -339,9 +339,14 @@ def test_zero_head_model_through_simple_evaluate(zero_head_run, tasks):
 
 def test_registered_model_and_the_command(tmp_path, zero_head_run, tasks, capsys):
     folder, manager = tasks
-    res = lm_eval.simple_evaluate(model="maskdiff", model_args=f"run={zero_head_run},draws=2,progress=false",
+    log = tmp_path / "mc.jsonl"
+    res = lm_eval.simple_evaluate(model="maskdiff", model_args=f"run={zero_head_run},draws=2,progress=false,mc_log={log}",
                                   tasks=["toy_mc"], task_manager=manager, limit=2)
     assert res["results"]["toy_mc"]["acc,none"] == 1.0  # 2 items, shortest choice is the answer in both
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 6 and {tuple(x["args"]) for x in lines} == {
+        (d["context"], c) for d in MC_DOCS[:2] for c in d["choices"]}
+    assert all(x["kind"] == "loglikelihood" and x["mc_stderr"] == 0 and x["draws"] == 2 for x in lines)
     out = tmp_path / "out"
     args = ["lm-eval", str(zero_head_run), "--tasks", "toy_mc,toy_roll", "--include-path", str(folder),
             "--draws", "2", "--out", str(out), "--no-progress"]
