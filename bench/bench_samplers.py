@@ -11,9 +11,11 @@ model's full length and report
 * the per-sample unigram entropy (the entropy of the empirical distribution of each sample's
   own tokens, averaged over samples: the diffusion-LM convention), in bits per model token, with
   a 95% interval (mean ± 1.96 standard errors over samples);
-* the wall time per sample of the sampling alone (the samples are drawn in ``--chunks`` batches;
-  the median over batches of batch time / batch size, with the range), and the network calls per
-  sample (``SampleInfo.nfe_per_sample``: rows evaluated / samples).
+* the time per sample of the sampling alone, CPU (process) time and wall time (the samples are
+  drawn in ``--chunks`` batches; the median over batches of batch time / batch size, with the
+  range; on a shared machine the CPU time of this one-thread process is the steadier figure), and
+  the network calls per sample (``SampleInfo.nfe_per_sample``: rows evaluated / samples; the
+  adaptive samplers evaluate the whole batch until its slowest sequence is done).
 
 Grid samplers run ``num_steps`` = the budget. ``first-hitting`` makes exactly one call per free
 position (L). ``threshold`` and ``entropy-bounded`` choose their number of calls: they run at
@@ -68,14 +70,19 @@ GRID = [
 GRIDLESS = [
     ("first-hitting", "first-hitting", {}),
     ("threshold τ=0.9", "threshold", {"threshold": 0.9}),
-    ("threshold τ=0.7", "threshold", {"threshold": 0.7}),
     ("threshold τ=0.5", "threshold", {"threshold": 0.5}),
-    ("entropy-bounded γ=0.1", "entropy-bounded", {"gamma": 0.1}),
+    ("threshold τ=0.3", "threshold", {"threshold": 0.3}),
+    ("threshold τ=0.2", "threshold", {"threshold": 0.2}),
+    ("threshold τ=0.18", "threshold", {"threshold": 0.18}),
     ("entropy-bounded γ=0.5", "entropy-bounded", {"gamma": 0.5}),
-    ("entropy-bounded γ=2", "entropy-bounded", {"gamma": 2.0}),
+    ("entropy-bounded γ=4", "entropy-bounded", {"gamma": 4.0}),
+    ("entropy-bounded γ=8", "entropy-bounded", {"gamma": 8.0}),
+    ("entropy-bounded γ=32", "entropy-bounded", {"gamma": 32.0}),
 ]
-#: the adaptive settings drawn on the frontier (one curve each).
-FRONTIER_GRIDLESS = ("first-hitting", "threshold τ=0.7", "entropy-bounded γ=0.5")
+#: the adaptive settings drawn on the frontier (one curve each): γ = 8 makes about as many calls as
+#: the frontier budget on the demo model; τ = 0.18 is the fewest calls threshold decoding makes
+#: there before it unmasks everything at once (at the all-masked state every confidence is ≈ 0.175).
+FRONTIER_GRIDLESS = ("first-hitting", "threshold τ=0.18", "entropy-bounded γ=8")
 
 
 def draw(run: Any, name: str, options: dict[str, Any], *, steps: int, num: int, chunks: int, seed: int,
@@ -87,23 +94,25 @@ def draw(run: Any, name: str, options: dict[str, Any], *, steps: int, num: int, 
 
     model = run.model
     size = math.ceil(num / chunks)
-    tokens, rows, calls, per_sample_s = [], 0, 0, []
+    tokens, rows, calls, per_sample_s, cpu_s = [], 0, 0, [], []
     for c in range(chunks):
         b = min(size, num - c * size)
         if b <= 0:
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             z, info = sample(model.denoiser, model.schedule, batch_size=b, length=run.config.data.seq_len,
                              vocab_size=model.vocab_size, num_steps=steps, sampler=name,
                              generator=torch.Generator().manual_seed(seed + c), temperature=temperature,
                              time_agnostic=not model.time_conditioning, return_info=True, **options)
         per_sample_s.append((time.perf_counter() - t0) / b)
+        cpu_s.append((time.process_time() - c0) / b)
         tokens.append(z)
         rows += info.denoiser_rows
         calls += info.denoiser_calls
     return {"tokens": torch.cat(tokens), "calls_per_sample": rows / num, "batch_calls": calls,
-            "seconds_per_sample": statistics.median(per_sample_s), "seconds_range": [min(per_sample_s), max(per_sample_s)]}
+            "seconds_per_sample": statistics.median(per_sample_s), "seconds_range": [min(per_sample_s), max(per_sample_s)],
+            "cpu_seconds_per_sample": statistics.median(cpu_s), "cpu_seconds_range": [min(cpu_s), max(cpu_s)]}
 
 
 def score(run: Any, scorer: Any, tokens: Any) -> dict[str, Any]:
@@ -135,23 +144,25 @@ def fmt_row(r: dict[str, Any]) -> str:
     lo, hi = r["gen_ppl_ci95"]
     elo, ehi = r["entropy_ci95"]
     lo_s, hi_s = r["seconds_range"]
+    lo_c, hi_c = r["cpu_seconds_range"]
     steps = "—" if r["num_steps"] is None else str(r["num_steps"])
     return (f"| {r['label']} | {steps} | {r['calls_per_sample']:.1f} | {r['gen_ppl']:.1f} [{lo:.1f}, {hi:.1f}] "
-            f"| {r['entropy_bits']:.3f} [{elo:.3f}, {ehi:.3f}] | {1e3 * r['seconds_per_sample']:.0f} "
-            f"({1e3 * lo_s:.0f}–{1e3 * hi_s:.0f}) |")
+            f"| {r['entropy_bits']:.3f} [{elo:.3f}, {ehi:.3f}] | {1e3 * r['cpu_seconds_per_sample']:.0f} "
+            f"({1e3 * lo_c:.0f}–{1e3 * hi_c:.0f}) | {1e3 * r['seconds_per_sample']:.0f} ({1e3 * lo_s:.0f}–{1e3 * hi_s:.0f}) |")
 
 
 def table(rows: list[dict[str, Any]], reference: dict[str, Any] | None, unit: str, scorer: str) -> str:
     head = [f"gen PPL under {scorer} (per scorer token, 95% CI); entropy = per-sample unigram entropy in bits "
-            f"per {unit} (95% CI); wall = sampling time per sample in ms (median over batches, range)", "",
-            "| sampler | steps | calls/sample | gen PPL [95% CI] | entropy [95% CI] | wall ms/sample |",
-            "|---|---|---|---|---|---|"]
+            f"per {unit} (95% CI); CPU and wall = sampling time per sample in ms, one thread (median over batches, "
+            "range)", "",
+            "| sampler | steps | calls/sample | gen PPL [95% CI] | entropy [95% CI] | CPU ms/sample | wall ms/sample |",
+            "|---|---|---|---|---|---|---|"]
     body = [fmt_row(r) for r in rows]
     if reference is not None:
         lo, hi = reference["gen_ppl_ci95"]
         elo, ehi = reference["entropy_ci95"]
         body.append(f"| real text (test split) | — | — | {reference['gen_ppl']:.1f} [{lo:.1f}, {hi:.1f}] "
-                    f"| {reference['entropy_bits']:.3f} [{elo:.3f}, {ehi:.3f}] | — |")
+                    f"| {reference['entropy_bits']:.3f} [{elo:.3f}, {ehi:.3f}] | — | — |")
     return "\n".join(head + body)
 
 
@@ -175,7 +186,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     temperature is swept at the frontier budget. 95% intervals as error bars."""
     from maskdiff.apps.plots import _figure, _save
 
-    fig = _figure(13.0, 5.5)
+    fig = _figure(16.0, 5.5)
     left, right = fig.subplots(1, 2)
     labels = list(dict.fromkeys(r["label"] for r in results["budget"]))
     colours = {label: _COLOURS[i % len(_COLOURS)] for i, label in enumerate(labels)}
@@ -207,19 +218,23 @@ def plot(results: dict[str, Any], path: str) -> None:
         calls = statistics.median(r["calls_per_sample"] for r in rs)
         right.errorbar(x, y, xerr=xerr, yerr=yerr, marker=_marker(rs[0]["sampler"]), ms=5, lw=1.2, capsize=2,
                        color=colours.get(label, "k"), label=f"{label} ({calls:.0f} calls)", ls=_line(rs[0]["sampler"]))
-        right.annotate(f"{rs[0]['temperature']:g}", (x[0], y[0]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        for r_, x_, y_ in zip(rs, x, y):
+            if r_["temperature"] != 1.0:
+                right.annotate(f"{r_['temperature']:g}", (x_, y_), fontsize=6, xytext=(2, -8), textcoords="offset points",
+                               color=colours.get(label, "k"))
     ref = results.get("reference")
-    if ref is not None:
-        right.plot([ref["entropy_bits"]], [ref["gen_ppl"]], marker="*", ms=12, color="k", ls="none",
-                   label="real text (test split)")
+    if ref is not None:  # its gen PPL is far below every sampler's: a line at its entropy, the value in the label
+        lo, hi = ref["gen_ppl_ci95"]
+        right.axvline(ref["entropy_bits"], color="k", ls=":", lw=1.2,
+                      label=f"real text: entropy {ref['entropy_bits']:.3f}, gen PPL {ref['gen_ppl']:.0f} [{lo:.0f}, {hi:.0f}]")
     right.set_yscale("log")
     right.set_xlabel(f"per-sample entropy (bits per {results['unit']})")
     right.set_ylabel(f"generative perplexity ({results['scorer_short']})")
     temps = ", ".join(f"{t:g}" for t in results["temperatures"])
-    right.set_title(f"frontier at {results['frontier_budget']} calls: temperature {temps} (lowest labelled)")
+    right.set_title(f"frontier: temperature {temps} at {results['frontier_budget']} calls (grid samplers)")
     right.grid(True, alpha=0.3)
-    right.legend(fontsize=7, loc="upper left")
-    left.legend(fontsize=7, loc="upper right")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(f"Samplers at equal cost: {results['model']} ({results['num']} samples per point)", fontsize=11)
     _save(fig, path)
 
