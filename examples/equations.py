@@ -6,7 +6,8 @@ so records are 5 to 12 characters long), train on it with ``data.records=lines``
     python examples/equations.py write runs/equations.txt --num 50000 --seed 0
     maskdiff compare --preset demo --methods ar,md4,genmd4 --out runs/eq-compare \\
         --set data.corpus=files --set data.path=runs/equations.txt --set data.tokenizer=char \\
-        --set data.records=lines --set data.seq_len=16 --set train.steps=1500 ...
+        --set data.records=lines --set data.seq_len=16 --set train.batch_size=128 \\
+        --set train.steps=1200 --set train.num_threads=1
     python examples/equations.py score runs/eq-compare/md4 runs/eq-compare/genmd4 runs/eq-compare/ar \\
         --num 1000 --data runs/equations.txt --out runs/eq-compare/samples.json
     python examples/equations.py plot runs/eq-compare/samples.json docs/equations-lengths.png
