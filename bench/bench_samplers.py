@@ -166,9 +166,9 @@ def table(rows: list[dict[str, Any]], reference: dict[str, Any] | None, unit: st
     return "\n".join(head + body)
 
 
-#: distinct colours (matplotlib's tab20, dark shades first); marker and line style by family.
+#: distinct colours (matplotlib's tab10, then black and dark gold); marker and line style by family.
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#000000"]
+            "#17becf", "#000000", "#b8860b", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896"]
 
 
 def _marker(name: str) -> str:
@@ -181,6 +181,12 @@ def _line(name: str) -> str:
     return "-" if name in ("ancestral", "mean", "first-hitting") else "--"
 
 
+def _curve(r: dict[str, Any]) -> str:
+    """The curve a cell belongs to in the cost panel: its label, or for the adaptive samplers the
+    sampler (one curve over its knob values)."""
+    return r["sampler"] if r["sampler"] in ("threshold", "entropy-bounded") else r["label"]
+
+
 def plot(results: dict[str, Any], path: str) -> None:
     """Left: gen PPL against calls per sample (temperature 1). Right: gen PPL against entropy as the
     temperature is swept at the frontier budget. 95% intervals as error bars."""
@@ -188,18 +194,24 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     fig = _figure(16.0, 5.5)
     left, right = fig.subplots(1, 2)
-    labels = list(dict.fromkeys(r["label"] for r in results["budget"]))
-    colours = {label: _COLOURS[i % len(_COLOURS)] for i, label in enumerate(labels)}
-    by_label: dict[str, list[dict[str, Any]]] = {}
+    curves = list(dict.fromkeys(_curve(r) for r in results["budget"]))
+    colours = {c: _COLOURS[i % len(_COLOURS)] for i, c in enumerate(curves)}
+    by_curve: dict[str, list[dict[str, Any]]] = {}
     for r in results["budget"]:
-        by_label.setdefault(r["label"], []).append(r)
-    for label, rs in by_label.items():
+        by_curve.setdefault(_curve(r), []).append(r)
+    for curve, rs in by_curve.items():
         rs = sorted(rs, key=lambda r: r["calls_per_sample"])
         x = [r["calls_per_sample"] for r in rs]
         y = [r["gen_ppl"] for r in rs]
         err = [[r["gen_ppl"] - r["gen_ppl_ci95"][0] for r in rs], [r["gen_ppl_ci95"][1] - r["gen_ppl"] for r in rs]]
-        left.errorbar(x, y, yerr=err, marker=_marker(rs[0]["sampler"]), ms=5, lw=1.2, capsize=2, color=colours[label],
-                      label=label, ls=_line(rs[0]["sampler"]))
+        knob = rs[0]["num_steps"] is None and len(rs) > 1  # adaptive: one point per knob value, labelled
+        left.errorbar(x, y, yerr=err, marker=_marker(rs[0]["sampler"]), ms=5, lw=1.2, capsize=2, color=colours[curve],
+                      label=curve + ({"threshold": " (τ labelled)", "entropy-bounded": " (γ labelled)"}[curve] if knob else ""),
+                      ls=_line(rs[0]["sampler"]))
+        if knob:
+            for r_, x_, y_ in zip(rs, x, y):
+                left.annotate(r_["label"].split(" ")[-1], (x_, y_), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                              color=colours[curve])
     left.set_xscale("log", base=2)
     left.set_yscale("log")
     left.set_xlabel("network calls per sample")
@@ -207,6 +219,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     left.set_title("quality against cost (temperature 1)")
     left.grid(True, alpha=0.3)
     fr: dict[str, list[dict[str, Any]]] = {}
+    colours.update({r["label"]: colours[_curve(r)] for r in results["frontier"] if _curve(r) in colours})
     for r in results["frontier"]:
         fr.setdefault(r["label"], []).append(r)
     for label, rs in fr.items():
@@ -310,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-steps", type=int, default=64, help="grid samplers' steps for --image-grid")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance for --image-grid")
     p.add_argument("--per-class", type=int, default=1, help="samples per class for --image-grid")
+    p.add_argument("--replot", action="store_true", help="only draw --plot again from OUT/results.json")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.out) / "results.json").read_text()), args.plot)
+        return 0
     if args.image_grid:
         rows = image_rows(args.run_dir, args.image_grid, steps=args.image_steps, guidance=args.guidance,
                           seed=args.seed, per_class=args.per_class)
