@@ -236,6 +236,9 @@ def test_stored_vocabulary_is_the_one_a_loaded_run_uses(tmp_path, monkeypatch):
     assert again.vocab_size == run.tokenizer.vocab_size
     assert sum(again.metadata["unknown"].values()) == 10  # each new line's '*' read as <unk>
     assert load(tmp_path / "run").tokenizer.symbols == run.tokenizer.symbols
+    # --resume encodes with the stored vocabulary too (a rebuilt one would change vocab_size: refused)
+    train(apply_overrides(cfg, ["train.steps=4"]), tmp_path / "run", resume=True, progress=False)
+    assert load(tmp_path / "run").step == 4
 
     # Prompts outside the vocabulary are refused naming the characters; samples stop at the end token.
     with pytest.raises(OutOfVocabularyError, match=r"'\*' \(U\+002A\)"):
