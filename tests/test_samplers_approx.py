@@ -448,3 +448,18 @@ def test_sliding_window_short_request_is_one_sample_call():
     z = sample_long(den, SCHED, batch_size=2, length=L, window=L, vocab_size=V, num_steps=5, generator=gen(2))
     ref = sample(CountingDenoiser(), SCHED, batch_size=2, length=L, vocab_size=V, num_steps=5, generator=gen(2))
     assert torch.equal(z, ref)
+
+
+def test_generate_tokens_beyond_the_model_length_slides_windows():
+    """`maskdiff sample --length` above the run's sequence length (the golden run: 32) slides windows."""
+    from pathlib import Path
+
+    from maskdiff.apps.generate import generate_tokens
+
+    golden = Path(__file__).resolve().parent / "data" / "golden-run"
+    tokens, settings, run = generate_tokens(golden, num=2, length=75, steps=8, prompt="the ", suffix=" end",
+                                            sampler="confidence", device="cpu", progress=False)
+    texts = [run.tokenizer.decode(row.tolist()) for row in tokens]
+    assert tokens.shape == (2, 75) and all(t.startswith("the ") and t.endswith(" end") for t in texts)
+    assert settings["windows"] == [[0, 32], [16, 48], [32, 64], [43, 75]]
+    assert settings["network_calls_per_sample"] <= 4 * 8
