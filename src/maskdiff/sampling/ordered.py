@@ -8,7 +8,9 @@ they are never touched.
 
 Scores (higher = unmasked first), from the model's **raw** prediction μ = softmax(logits):
 
-* ``confidence``: c_i = max_j μ_ij (MaskGIT, LLaDA "low_confidence", Dream "maskgit_plus");
+* ``confidence``: c_i = max_j μ_ij, the probability of the most likely token (MaskGIT, LLaDA's
+  "low_confidence" and Dream's "maskgit_plus" rank by the probability of the token drawn, which
+  is this one at temperature 0);
 * ``margin``: μ_i(1) − μ_i(2), the top-1 minus the top-2 probability (Dream "topk_margin");
 * ``entropy``: −H_i with H_i = −Σ_j μ_ij log μ_ij, i.e. lowest entropy first (Dream "entropy").
 
