@@ -21,6 +21,7 @@ reference's recipe) or ``demo`` (the demo preset's clipping 1.0 and EMA 0.995).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -87,6 +88,7 @@ class Variant:
     init: Callable[[nn.Module], None] | None = None  # applied to the built network
     warmup_from_zero: bool = False  # lr·k/W (the reference) instead of lr·(k+1)/W
     overrides: list[str] = field(default_factory=list)  # RunConfig overrides
+    adam_eps: float | None = None  # AdamW's epsilon (torch's default 1e-8 when None)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -117,6 +119,10 @@ VARIANTS: dict[str, Variant] = {
                       network={**OLD_NETWORK, "cond_dim": 32, "time_embed_dim": 32, "time_mlp_hidden": 128}),
     "beta2_099": Variant("AdamW beta2 0.99 instead of 0.999 (optimiser only)", network=dict(OLD_NETWORK),
                          overrides=["optim.beta2=0.99"]),
+    # maskdiff's loss is nats per token, the reference's nats per sequence (128 tokens): Adam's
+    # step is the same for both up to eps, so eps / 128 gives maskdiff the reference's step.
+    "eps_seq": Variant("AdamW eps 1e-8/128: the reference's Adam step for its per-sequence loss scale",
+                       network=dict(OLD_NETWORK), adam_eps=1e-8 / 128),
     "fixed": Variant("TransformerConfig's current defaults (today: the same network as base)"),
 }
 
@@ -154,6 +160,8 @@ def install(variant: Variant) -> None:
             return cfg.lr * step / cfg.warmup_steps
         return original_lr(step, cfg, total_steps)
 
+    if variant.adam_eps is not None:
+        torch.optim.AdamW = functools.partial(torch.optim.AdamW, eps=variant.adam_eps)  # type: ignore[misc]
     build_mod.network_config_for = network_config_for
     trainer_mod.build_model = build_model
     trainer_mod.learning_rate = learning_rate
