@@ -73,6 +73,13 @@ def reference_linear_init(network: nn.Module, *, attention: bool = True, mlp: bo
                 nn.init.zeros_(lin.bias)
 
 
+def head_init(std: float) -> Callable[[nn.Module], None]:
+    """Output head N(0, std²) instead of zeros (the network then starts from non-uniform logits)."""
+    def apply(network: nn.Module) -> None:
+        nn.init.normal_(network.head.weight, std=std)
+    return apply
+
+
 def embedding_init(std: float) -> Callable[[nn.Module], None]:
     def apply(network: nn.Module) -> None:
         nn.init.normal_(network.tok_emb.weight, std=std)
@@ -123,6 +130,12 @@ VARIANTS: dict[str, Variant] = {
     # step is the same for both up to eps, so eps / 128 gives maskdiff the reference's step.
     "eps_seq": Variant("AdamW eps 1e-8/128: the reference's Adam step for its per-sequence loss scale",
                        network=dict(OLD_NETWORK), adam_eps=1e-8 / 128),
+    "head_fanin": Variant("output head N(0, 1/D) instead of zeros (only change)", network=dict(OLD_NETWORK),
+                          init=lambda n: head_init(n.config.d_model ** -0.5)(n)),
+    "head002": Variant("output head N(0, 0.02²) instead of zeros (only change)", network=dict(OLD_NETWORK),
+                       init=head_init(0.02)),
+    "beta2_095": Variant("AdamW beta2 0.95 instead of 0.999 (optimiser only)", network=dict(OLD_NETWORK),
+                         overrides=["optim.beta2=0.95"]),
     "fixed": Variant("TransformerConfig's current defaults (today: the same network as base)"),
 }
 
