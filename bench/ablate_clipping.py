@@ -40,9 +40,10 @@ from maskdiff.config import apply_overrides, get_preset
 
 # the 0.2 network, pinned (TransformerConfig's defaults may change)
 OLD_NETWORK: dict[str, Any] = dict(mlp="swiglu", norm="rms", mod_activation="silu", init="gpt2", time_mlp_hidden=None,
-                                   cond_dim=128, time_embed_dim=256, norm_eps=1e-6)
+                                   cond_dim=128, time_embed_dim=256, norm_eps=1e-6, head_init="zero")
 REFERENCE_NETWORK: dict[str, Any] = dict(mlp="glu", norm="layer", mod_activation="sigmoid", init="fan_in",
-                                         time_mlp_hidden=128, cond_dim=32, time_embed_dim=32, norm_eps=1e-5)
+                                         time_mlp_hidden=128, cond_dim=32, time_embed_dim=32, norm_eps=1e-5,
+                                         head_init="zero")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,13 +131,15 @@ VARIANTS: dict[str, Variant] = {
     # step is the same for both up to eps, so eps / 128 gives maskdiff the reference's step.
     "eps_seq": Variant("AdamW eps 1e-8/128: the reference's Adam step for its per-sequence loss scale",
                        network=dict(OLD_NETWORK), adam_eps=1e-8 / 128),
-    "head_fanin": Variant("output head N(0, 1/D) instead of zeros (only change)", network=dict(OLD_NETWORK),
+    "head_fanin": Variant("output head N(0, 1/D) instead of zeros (only change; drawn here, untruncated)",
+                          network=dict(OLD_NETWORK),
                           init=lambda n: head_init(n.config.d_model ** -0.5)(n)),
     "head002": Variant("output head N(0, 0.02²) instead of zeros (only change)", network=dict(OLD_NETWORK),
                        init=head_init(0.02)),
     "beta2_095": Variant("AdamW beta2 0.95 instead of 0.999 (optimiser only)", network=dict(OLD_NETWORK),
                          overrides=["optim.beta2=0.95"]),
-    "fixed": Variant("TransformerConfig's current defaults (today: the same network as base)"),
+    "fixed": Variant("the library's current defaults (since 0.3: the 0.2 network with head_init='fan_in', "
+                     "a truncated-normal head of variance 1/D)"),
 }
 
 

@@ -25,7 +25,7 @@ def wiki():
 def test_untrained_models_score_log_V(wiki, method):
     """Zero-initialised heads predict uniformly: AR gives exactly log2 V; MD4's bound ≈ log2 V."""
     extra = ["diffusion.method=ar", "model.causal=true", "model.time_conditioning=false"] if method == "ar" else []
-    cfg = apply_overrides(get_preset("demo"), TINY + extra)
+    cfg = apply_overrides(get_preset("demo"), [*TINY, *extra, "model.head_init=zero"])
     model = build_model(cfg, 27)
     res = evaluate_nelbo(model, wiki.test[:32 * 256], seq_len=32, batch_size=64, seed=0)
     if method == "ar":

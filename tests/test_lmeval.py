@@ -118,7 +118,7 @@ def toy_model(steps: int = 150, seed: int = 0) -> MaskedDiffusion:
     with probability 0.85), so that its predictions depend strongly on which tokens are masked."""
     torch.manual_seed(seed)
     net = Transformer(TransformerConfig(vocab_size=4, seq_len=6, n_layers=1, d_model=32, n_heads=2, cond_dim=32,
-                                        time_embed_dim=32, time_conditioning=True))
+                                        time_embed_dim=32, time_conditioning=True, head_init="zero"))
     model = MaskedDiffusion(net, maskdiff.get_schedule("linear"), "md4")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -253,7 +253,7 @@ def test_exact_order_is_normalised_and_greedy_is_its_argmax(toy):
 def test_genmd4_uses_its_own_bound_with_the_context_fixed():
     torch.manual_seed(0)
     net = Transformer(TransformerConfig(vocab_size=5, seq_len=8, n_layers=1, d_model=16, n_heads=2, cond_dim=16,
-                                        time_embed_dim=16))  # untrained: the head is zero, μ uniform
+                                        time_embed_dim=16, head_init="zero"))  # untrained, zero head: μ uniform
     model = MaskedDiffusion(net, maskdiff.get_schedule("genmd4", vocab_size=5), "genmd4").eval()
     seen = []
     real_forward = net.forward
@@ -418,7 +418,7 @@ def test_gpt2_token_model_through_the_harness(tasks):
     assert codec.prefix == (GPT2_EOT_ID,) and codec.normalised == 0
     torch.manual_seed(0)
     net = Transformer(TransformerConfig(vocab_size=50257, seq_len=32, n_layers=1, d_model=16, n_heads=2,
-                                        cond_dim=16, time_embed_dim=16))
+                                        cond_dim=16, time_embed_dim=16, head_init="zero"))  # uniform
     model = MaskedDiffusion(net, maskdiff.get_schedule("linear"), "md4").eval()
     lm = MaskdiffLM(run=LoadedRun(Path("tiny-gpt2"), get_preset("wiki-gpt2-md4"), model, 0, "ema"), draws=2,
                     greedy=False, progress=False)

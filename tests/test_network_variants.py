@@ -1,7 +1,8 @@
-"""Recorded network variants (``TransformerConfig.mlp/norm/mod_activation/init/time_mlp_hidden``).
+"""Recorded network variants (``TransformerConfig.mlp/norm/mod_activation/init/time_mlp_hidden/head_init``).
 
 An old ``network.json`` (without the fields) must build the network maskdiff 0.2 built; a new one
-must round-trip; every variant must start as the identity with a uniform prediction.
+must round-trip; every variant must start as the identity, with a uniform prediction when its head
+starts at zero and logits of unit scale when it starts at fan-in scale (the default since 0.3).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from maskdiff.networks.variants import CHOICES, LEGACY_VALUES
 
 GOLDEN_NETWORK = Path(__file__).resolve().parent / "data" / "golden-run" / "network.json"
 SMALL = dict(vocab_size=27, seq_len=16, n_layers=3, d_model=64, n_heads=4)
-NEW_FIELDS = ("mlp", "norm", "mod_activation", "init", "time_mlp_hidden")
+NEW_FIELDS = ("mlp", "norm", "mod_activation", "init", "time_mlp_hidden", "head_init")
 
 
 def build(seed: int = 0, **fields) -> Transformer:
@@ -55,14 +56,18 @@ def test_legacy_values_never_override_recorded_ones():
     {}, {"mlp": "glu"}, {"norm": "layer"}, {"mod_activation": "sigmoid"}, {"init": "fan_in"},
     {"time_mlp_hidden": 48, "cond_dim": 16, "time_embed_dim": 16},
     {"mlp": "glu", "norm": "layer", "mod_activation": "sigmoid", "init": "fan_in"},
-    {"init": "fan_in", "time_conditioning": False},
+    {"init": "fan_in", "time_conditioning": False}, {"head_init": "zero"},
+    {"head_init": "zero", "init": "fan_in", "mlp": "glu"}, {"head_init": "zero", "time_conditioning": False},
 ])
-def test_variant_round_trips_and_starts_uniform(tmp_path, fields):
+def test_variant_round_trips_and_starts_as_identity(tmp_path, fields):
     net = build(**fields).eval()
     z, t = probe()
     with torch.no_grad():
         logits = net(z, t)
-    assert torch.equal(logits, torch.zeros_like(logits))  # zero head: uniform prediction
+    if net.config.head_init == "zero":
+        assert torch.equal(logits, torch.zeros_like(logits))  # zero head: uniform prediction
+    else:  # unit-RMS hidden states times a head of variance 1/d: logits of standard deviation ≈ 1
+        assert 0.7 < logits.std().item() < 1.3
     # Every block starts as the identity (zero adaLN gates, or zero residual gates).
     x = torch.randn(2, 16, SMALL["d_model"])
     cos, sin = torch.ones(16, 8), torch.zeros(16, 8)
@@ -104,7 +109,23 @@ def test_fan_in_init_scales():
     assert net.tok_emb.weight.std().item() == pytest.approx(d ** -0.5, rel=0.05)
     assert block.attn.qkv.weight.abs().max().item() <= 2 * d ** -0.5 / 0.8796 + 1e-6  # truncated at 2σ
     assert torch.count_nonzero(block.modulation.weight) == 0
-    assert torch.count_nonzero(net.head.weight) == 0
+    assert net.head.weight.std().item() == pytest.approx(d ** -0.5, rel=0.05)  # head_init="fan_in"
+    assert torch.count_nonzero(build(seed=1, init="fan_in", head_init="zero").head.weight) == 0
+
+
+@pytest.mark.parametrize("init", ["gpt2", "fan_in"])
+def test_head_init_changes_only_the_head(init):
+    """head_init draws the head after every other tensor: the rest is the same as with a zero head."""
+    new, old = build(seed=2, init=init), build(seed=2, init=init, head_init="zero")
+    new_state, old_state = new.state_dict(), old.state_dict()
+    assert [k for k in new_state if not torch.equal(new_state[k], old_state[k])] == ["head.weight"]
+    assert new.head.weight.std().item() == pytest.approx(SMALL["d_model"] ** -0.5, rel=0.1)
+
+
+def test_tied_head_zeroes_the_final_gain_only_for_a_zero_head():
+    assert torch.count_nonzero(build(tie_embeddings=True, head_init="zero").norm_f.weight) == 0
+    tied = build(tie_embeddings=True)
+    assert torch.equal(tied.norm_f.weight, torch.ones_like(tied.norm_f.weight))
 
 
 def test_layer_norm_has_no_parameters_and_glu_uses_sigmoid():
@@ -126,3 +147,13 @@ def test_invalid_choice_is_refused(name):
 def test_invalid_time_mlp_hidden_is_refused():
     with pytest.raises(ValueError, match="time_mlp_hidden"):
         TransformerConfig(**SMALL, time_mlp_hidden=0)
+
+
+@pytest.mark.parametrize("name", ["text8-md4", "text8-genmd4", "owt-md4-s", "owt-genmd4-s"])
+def test_paper_presets_use_the_papers_optimiser(name):
+    """The authors' text8/OpenWebText recipes train without gradient clipping, EMA 0.9999 — safe
+    since the default head stopped making training depend on clipping (bench/RESULTS.md)."""
+    from maskdiff.config import get_preset
+
+    cfg = get_preset(name)
+    assert (cfg.optim.grad_clip, cfg.optim.ema_decay, cfg.model.head_init) == (0.0, 0.9999, "fan_in")

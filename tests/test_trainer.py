@@ -240,3 +240,29 @@ def test_resume_with_more_steps_records_the_config_change(tmp_path, wiki_small):
     assert trainer.step == 4
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 4
     assert json.loads((out / "config.before-step-2.json").read_text())["train"]["steps"] == 2
+
+
+def test_a_run_from_before_head_init_resumes_and_keeps_its_record(tmp_path, wiki_small):
+    """A 0.2 run folder (network.json and config.json without head_init; its head started at zero)
+    resumes under today's default: the field only chose starting values, which the checkpoint
+    replaces. The folder keeps saying how its head started."""
+    out = tmp_path / "run"
+    run_trainer(tiny_config("train.steps=2", "train.save_every=2", "model.head_init=zero"), out, wiki_small)
+    for name, section in (("network.json", None), ("config.json", "model")):
+        data = json.loads((out / name).read_text())
+        (data if section is None else data[section]).pop("head_init")
+        (out / name).write_text(json.dumps(data))
+    trainer = run_trainer(tiny_config("train.steps=3", "train.save_every=3"), out, wiki_small, resume=True)
+    assert trainer.step == 3
+    assert "head_init" not in json.loads((out / "network.json").read_text())
+    assert load(out).model.network.config.head_init == "zero"  # the legacy value of a file without it
+
+
+def test_a_network_that_differs_in_more_than_head_init_is_still_refused(tmp_path, wiki_small):
+    out = tmp_path / "run"
+    run_trainer(tiny_config("train.steps=2", "train.save_every=2", "model.head_init=zero"), out, wiki_small)
+    data = json.loads((out / "network.json").read_text())
+    data["norm_eps"] = 1e-3
+    (out / "network.json").write_text(json.dumps(data))
+    with pytest.raises(RunFolderError, match="norm_eps"):
+        run_trainer(tiny_config("train.steps=3", "train.save_every=3"), out, wiki_small, resume=True)

@@ -123,7 +123,7 @@ def tiny_gpt2_model(method="md4", seed=0):
     """Untrained GPT-2-vocabulary model: its output head starts at zero, so it predicts uniformly."""
     torch.manual_seed(seed)
     net = Transformer(TransformerConfig(vocab_size=V_GPT2, seq_len=32, n_layers=1, d_model=32, n_heads=2,
-                                        time_conditioning=False, causal=(method == "ar")))
+                                        time_conditioning=False, causal=(method == "ar"), head_init="zero"))
     return MaskedDiffusion(net, maskdiff.get_schedule("linear"), method)
 
 

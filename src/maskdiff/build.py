@@ -61,7 +61,7 @@ def network_config_for(
     return TransformerConfig(
         vocab_size=vocab_size, seq_len=config.data.seq_len, n_layers=m.n_layers, d_model=m.d_model,
         n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, time_conditioning=m.time_conditioning, causal=m.causal,
-        dropout=m.dropout, num_classes=num_classes, image_shape=image_shape,
+        dropout=m.dropout, num_classes=num_classes, image_shape=image_shape, head_init=m.head_init,
     )
 
 

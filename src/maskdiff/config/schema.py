@@ -15,6 +15,7 @@ from typing import Any
 
 from maskdiff.data.images import IMAGE_DATASETS
 from maskdiff.networks import ARCHITECTURES as NETWORK_ARCHITECTURES
+from maskdiff.networks.variants import CHOICES as NETWORK_CHOICES
 
 PARALLEL_MODES = ("ddp", "fsdp")  # values of train.parallel
 
@@ -55,6 +56,7 @@ class ModelConfig:
     unet_channel_mult: str = "1,2,2"  # width multiplier per resolution (comma-separated)
     unet_res_blocks: int = 2  # residual blocks per resolution
     unet_attention_layers: int = 1  # self-attention + residual block pairs at the lowest resolution
+    head_init: str = "fan_in"  # transformer output head at start: fan_in | zero (0.1/0.2; uniform first prediction)
 
 
 @dataclass
@@ -139,6 +141,8 @@ class RunConfig:
             raise ValueError("diffusion.method=ar has no diffusion time: set model.time_conditioning=false")
         if d.method != "ar" and m.causal:
             raise ValueError("model.causal=true is only for diffusion.method=ar (masked diffusion needs bidirectional attention)")
+        if m.head_init not in HEAD_INITS:
+            raise ValueError(f"model.head_init must be one of {', '.join(HEAD_INITS)}, got {m.head_init!r}")
         if m.architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {m.architecture!r}")
         if m.architecture == "unet":
@@ -165,6 +169,7 @@ class RunConfig:
 
 
 ARCHITECTURES = tuple(NETWORK_ARCHITECTURES)  # the names registered in maskdiff.networks
+HEAD_INITS = NETWORK_CHOICES["head_init"]  # how the transformer's output head starts
 
 # Ranges of the numeric fields: key -> (lowest, highest (excluded), whether the lowest is allowed).
 # Every float must also be finite: inf and nan are refused for every key.

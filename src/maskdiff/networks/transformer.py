@@ -69,8 +69,8 @@ class TransformerConfig:
         dropout: dropout on the embedding, attention probabilities and residual branches.
         rope_base: rotary embedding base θ.
         tie_embeddings: use the first V rows of the token embedding as the output head. The
-            head can then not start at zero; the final RMSNorm gain starts at zero instead, which
-            keeps the initial prediction uniform.
+            head can then not start at zero; with ``head_init="zero"`` the final RMSNorm gain
+            starts at zero instead, which keeps the initial prediction uniform.
         cond_dim: width of the time embedding ``c`` fed to the modulation layers.
         residual_gates: for a time-agnostic model, multiply each residual branch by a learned
             per-channel gate initialised at zero (the time-free analogue of adaLN-zero's gates:
@@ -88,6 +88,10 @@ class TransformerConfig:
             before the adaLN modulation layers (``"silu"`` | ``"sigmoid"``) and the
             initialisation (``"gpt2"`` | ``"fan_in"``). A ``network.json`` without them loads
             with the values of maskdiff 0.2.
+        head_init: how the (untied) output head starts: ``"fan_in"`` (default, truncated
+            normal with variance 1/d_model) or ``"zero"`` (maskdiff 0.1/0.2, a uniform first
+            prediction; what a ``network.json`` without the key was built with). It only sets the
+            initial values, so it never matters for loading or resuming a trained network.
         time_mlp_hidden: hidden width of the time-embedding MLP (None: ``cond_dim``).
     """
 
@@ -114,6 +118,7 @@ class TransformerConfig:
     mod_activation: str = "silu"
     init: str = "gpt2"
     time_mlp_hidden: int | None = None
+    head_init: str = "fan_in"
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -355,14 +360,15 @@ class Transformer(DenoiserBase):
         )  # c → (shift, scale) of the final norm; zero-initialised
         self.head = (
             None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        )  # zero-initialised
+        )  # initialised by config.head_init
         self._init_weights()
 
     def _init_weights(self) -> None:
         """``config.init``: ``"gpt2"`` N(0, 0.02) weights with residual projections scaled by
         1/sqrt(2 n_layers); ``"fan_in"`` variance 1/fan_in (embeddings 1/d_model) with the MLP's
         scaled by 2/n_layers. Either way zeros where the network should start as identity
-        (modulations) or predict uniformly (head)."""
+        (modulations). The head follows ``config.head_init``: variance 1/d_model, or zeros (a
+        uniform first prediction)."""
         fan_in = self.config.init == "fan_in"
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -382,13 +388,17 @@ class Transformer(DenoiserBase):
                 residual_std = _INIT_STD / math.sqrt(2 * self.config.n_layers)
                 nn.init.normal_(block.attn.proj.weight, std=residual_std)
                 nn.init.normal_(block.mlp.proj.weight, std=residual_std)
-        zero_init = [block.modulation for block in self.blocks] + [self.final_modulation, self.head]
+        zero_init = [block.modulation for block in self.blocks] + [self.final_modulation]
+        if self.head is not None and self.config.head_init == "fan_in":
+            init_linear_fan_in(self.head)
+        else:
+            zero_init.append(self.head)
         for module in zero_init:
             if module is not None:
                 nn.init.zeros_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        if self.head is None and self.norm_f.weight is not None:
+        if self.head is None and self.config.head_init == "zero" and self.norm_f.weight is not None:
             # Tied head = embedding rows, which must not be zero; zero the final gain instead.
             nn.init.zeros_(self.norm_f.weight)
 

@@ -12,6 +12,11 @@ before an option existed loads with the old value (:data:`LEGACY_VALUES`).
 * ``init``: ``"gpt2"`` N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2 n_layers));
   ``"fan_in"`` truncated normal with variance ``1/fan_in`` (attention, time MLP, embedding
   ``1/d``) and ``(2/n_layers)/fan_in`` for the MLP (the reference's depth-scaled init).
+* ``head_init``: the output head starts at ``"zero"`` (maskdiff 0.1/0.2: the first prediction is
+  uniform) or ``"fan_in"`` (truncated normal, variance ``1/d_model``; the default since 0.3).
+  With a zero head every gradient upstream of it is zero at the first step and tiny for many
+  after, so the body of the network starts learning late; without gradient clipping that cost
+  0.1-0.3 bits/char at 600 steps on the demo model (``bench/RESULTS.md``, issue 18).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "norm": ("rms", "layer"),
     "mod_activation": ("silu", "sigmoid"),
     "init": ("gpt2", "fan_in"),
+    "head_init": ("fan_in", "zero"),
 }
 
 #: what a ``network.json`` without the key was built with (maskdiff 0.1 / 0.2)
@@ -40,6 +46,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "mod_activation": "silu",
     "init": "gpt2",
     "time_mlp_hidden": None,
+    "head_init": "zero",
 }
 
 class SwiGLU(nn.Module):

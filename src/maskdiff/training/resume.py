@@ -33,8 +33,9 @@ ARCHITECTURE_KEYS = ("data.seq_len", "diffusion.method") + tuple(
     f"model.{k}" for k in ("architecture", "n_layers", "d_model", "n_heads", "mlp_ratio", "time_conditioning",
                            "causal", "class_conditional", "unet_channel_mult", "unet_res_blocks",
                            "unet_attention_layers"))
-# network.json fields that may differ from the resumed config's without changing any tensor.
-_FREE_NETWORK_FIELDS = ("dropout",)
+# network.json fields that may differ from the resumed config's without changing any tensor
+# (head_init only chose the starting values, which the checkpoint replaces).
+_FREE_NETWORK_FIELDS = ("dropout", "head_init")
 
 
 def open_run(out_dir: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> FolderLock:
