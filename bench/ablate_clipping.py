@@ -13,6 +13,8 @@ the built network under the run's model seed, optimiser changes by patching the 
     python bench/ablate_clipping.py speed --variants base,fixed --steps 20
     # the table of everything under OUT
     python bench/ablate_clipping.py table --out /tmp/ablate
+    # gradient norms of the network body over the first steps, zero head against fan-in head
+    python bench/ablate_clipping.py grads --grad-steps 100
 
 ``--clip`` sets the recipe: ``none`` (default: ``optim.grad_clip=0 optim.ema_decay=0``, the
 reference's recipe) or ``demo`` (the demo preset's clipping 1.0 and EMA 0.995).
@@ -243,6 +245,49 @@ def speed(args: argparse.Namespace) -> None:
         print(f"| {name} | {n:,} | {statistics.median(t):.3f} | {statistics.median(t) / first:.3f} |")
 
 
+def gradients(args: argparse.Namespace) -> None:
+    """Why the head matters: the gradient norm of everything but the head over the first steps,
+    with the head started at zero and at fan-in scale (same seed, same batches, same times, AdamW
+    at the recipe's warm-up, no clipping). Printed as a table of medians over step windows."""
+    torch.set_num_threads(args.threads)
+    cfg = run_config(0, 600, args.threads, "none", args.set)
+    data = build_mod.run_data(cfg)
+    length, batch = cfg.data.seq_len, cfg.train.batch_size
+    rng = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(data.train) - length, (args.grad_steps, batch), generator=rng)
+    train = torch.from_numpy(data.train.astype("int64"))
+    norms: dict[str, list[tuple[float, float]]] = {}
+    for head in ("zero", "fan_in"):
+        torch.manual_seed(0)
+        model = build_mod.model_from_network(cfg, build_mod.build_network(type(
+            build_mod.network_config_for(cfg, data.vocab_size)).from_dict(
+            {**build_mod.network_config_for(cfg, data.vocab_size).to_dict(), "head_init": head})))
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                weight_decay=0.0)
+        gen = torch.Generator().manual_seed(1)
+        rows = []
+        for step in range(args.grad_steps):
+            for group in opt.param_groups:
+                group["lr"] = trainer_mod.learning_rate(step, cfg.optim, 600)
+            x = train[starts[step, :, None] + torch.arange(length)]
+            opt.zero_grad()
+            model(x, generator=gen)["loss"].backward()
+            body = torch.linalg.vector_norm(torch.stack([p.grad.norm() for n, p in model.named_parameters()
+                                                         if p.grad is not None and not n.endswith("head.weight")]))
+            rows.append((float(body), float(model.network.head.weight.grad.norm())))
+            opt.step()
+        norms[head] = rows
+    windows = [(0, 1), (1, 5), (5, 10), (10, 25), (25, 50), (50, args.grad_steps)]
+    print("| steps | body gradient norm, zero head | body, fan-in head | head gradient norm, zero head "
+          "| head, fan-in head |\n|---|---|---|---|---|")
+    for lo, hi in windows:
+        if lo >= args.grad_steps:
+            break
+        med = {h: [statistics.median(r[i] for r in norms[h][lo:hi]) for i in (0, 1)] for h in norms}
+        print(f"| {lo + 1}–{min(hi, args.grad_steps)} | {med['zero'][0]:.3g} | {med['fan_in'][0]:.3g} "
+              f"| {med['zero'][1]:.3g} | {med['fan_in'][1]:.3g} |")
+
+
 def table(args: argparse.Namespace) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
     base = {(r["seed"], r["clip"]): r["s_per_step"] for r in rows if r["variant"] == "base"}
@@ -261,12 +306,13 @@ def table(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "speed", "table", "list"])
+    p.add_argument("what", choices=["train", "speed", "table", "list", "grads"])
     p.add_argument("--variants", default="base")
     p.add_argument("--seeds", default="0")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--speed-steps", type=int, default=20, help="timed steps per variant (speed)")
+    p.add_argument("--grad-steps", type=int, default=100, help="steps per head initialisation (grads)")
     p.add_argument("--clip", choices=["none", "demo"], default="none")
     p.add_argument("--out", default="/tmp/ablate")
     p.add_argument("--set", action="append", default=[], help="extra RunConfig override, e.g. model.n_layers=6")
@@ -278,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         table(args)
     elif args.what == "speed":
         speed(args)
+    elif args.what == "grads":
+        gradients(args)
     else:
         for name in args.variants.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
