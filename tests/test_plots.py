@@ -211,3 +211,18 @@ def test_elbo_plot_on_an_image_run(tmp_path: Path) -> None:
     assert t2["n_sequences"] == cont["n_sequences"] == 16
     assert "histogram_bits_per_dim" in cont  # evaluated as images
     assert t2["num_steps"] == 2 and 0 < t2["bits_per_token"] < 8.0  # 8 bits/dim = uniform over 256 levels
+
+
+@pytest.mark.parametrize("data, unit", [
+    ({"corpus": "wiki-char"}, "bits per character"),
+    ({"corpus": "wiki-gpt2"}, "bits per token"),
+    ({"corpus": "files"}, "bits per byte"),
+    ({"corpus": "files", "tokenizer": "byte"}, "bits per byte"),
+    ({"corpus": "files", "tokenizer": "char"}, "bits per character"),
+    ({"corpus": "files", "tokenizer": "gpt2"}, "bits per token"),
+    ({"corpus": "files", "tokenizer": "/data/tokenizer.json"}, "bits per token"),
+])
+def test_axis_unit_follows_the_runs_tokens(data: dict, unit: str) -> None:
+    from maskdiff.apps.plots import _unit
+
+    assert _unit({"data": data}) == unit

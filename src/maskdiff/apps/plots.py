@@ -63,7 +63,15 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _unit(config: dict[str, Any]) -> str:
-    return "bits per character" if config.get("data", {}).get("corpus") in CHAR_CORPORA else "bits per token"
+    """The axis unit of a run's likelihoods: characters for the built-in character corpora and
+    ``data.tokenizer=char`` runs on one's own files, bytes for byte-level runs, else tokens."""
+    data = config.get("data", {})
+    if data.get("corpus") in CHAR_CORPORA:
+        return "bits per character"
+    if str(data.get("corpus", "")).lower() == "files":
+        return {None: "bits per byte", "byte": "bits per byte", "char": "bits per character"}.get(
+            data.get("tokenizer"), "bits per token")
+    return "bits per token"
 
 
 def _run_title(run_dir: Path, config: dict[str, Any]) -> str:
