@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 
 import numpy as np
@@ -243,6 +244,17 @@ def test_stored_vocabulary_is_the_one_a_loaded_run_uses(tmp_path, monkeypatch):
     # Prompts outside the vocabulary are refused naming the characters; samples stop at the end token.
     with pytest.raises(OutOfVocabularyError, match=r"'\*' \(U\+002A\)"):
         generate_text(run, num=2, steps=4, prompt="3*", device="cpu", progress=False)
+    if importlib.util.find_spec("fastapi") is not None:  # the server refuses them with a 422 naming the field
+        from maskdiff.apps.serve.schemas import ApiError, GenerateRequest
+        from maskdiff.apps.serve.service import ModelService
+
+        service = ModelService(run)
+        for field_name, body in (("prompt", {"prompt": "3*"}), ("suffix", {"suffix": "*1"}),
+                                 ("infill", {"infill": "1*___", "gap_length": 2})):
+            with pytest.raises(ApiError, match=r"'\*' \(U\+002A\)") as refused:
+                service.prepare(GenerateRequest(num_samples=1, steps=4, **body))
+            assert (refused.value.status, refused.value.field) == (422, field_name)
+        service.close()
     texts, _ = generate_text(run, num=4, steps=10, prompt="12+", device="cpu", progress=False)
     assert all(t.startswith("12+") and "<|endoftext|>" not in t and len(t) <= 10 for t in texts)
     result = run_eval(tmp_path / "run", split="test", batch_size=16, device="cpu", progress=False)

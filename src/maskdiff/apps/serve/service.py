@@ -22,7 +22,7 @@ from torch import Tensor
 from maskdiff import runs
 from maskdiff.apps.serve.batching import NetworkBatcher
 from maskdiff.apps.serve.schemas import RESERVED_OPTIONS, ApiError, GenerateRequest, ServeLimits, check_request_numbers
-from maskdiff.data import CHAR_CORPORA
+from maskdiff.data import CHAR_CORPORA, OutOfVocabularyError
 from maskdiff.sampling import FREE, fixed_from_template, make_fixed, registry, sample, sampler_names
 
 __all__ = ["ModelService", "Prepared"]
@@ -161,7 +161,10 @@ class ModelService:
             if odd:
                 raise ApiError(422, field_name, f"{field_name} has characters outside the model's vocabulary "
                                f"({', '.join(map(repr, odd))}); it reads {alphabet!r}", limit=alphabet)
-        return [int(i) for i in self.tokenizer.encode(text)]  # type: ignore[union-attr]
+        try:
+            return [int(i) for i in self.tokenizer.encode(text)]  # type: ignore[union-attr]
+        except OutOfVocabularyError as err:  # an own-data character vocabulary: the message names them
+            raise ApiError(422, field_name, f"{field_name}: {err}", limit="the run's character vocabulary") from None
 
     def _text_fixed(self, req: GenerateRequest) -> tuple[Tensor | None, int]:
         """The tokens a text request fixes (FREE elsewhere) and the sample length."""
