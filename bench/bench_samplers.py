@@ -190,7 +190,7 @@ def _curve(r: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: str) -> None:
     """Left: gen PPL against calls per sample (temperature 1). Right: gen PPL against entropy as the
     temperature is swept at the frontier budget. 95% intervals as error bars."""
-    from maskdiff.apps.plots import _figure, _save
+    from maskdiff.apps.plot_common import _figure, _save
 
     fig = _figure(16.0, 5.5)
     left, right = fig.subplots(1, 2)
@@ -272,7 +272,7 @@ def image_rows(run_dir: str, path: str, *, steps: int, guidance: float, seed: in
     from maskdiff import runs
     from maskdiff.apps.generate import generate_images
     from maskdiff.apps.images import image_grid
-    from maskdiff.apps.plots import _figure, _save
+    from maskdiff.apps.plot_common import _figure, _save
     from maskdiff.sampling import sampler_names
 
     run = runs.load(run_dir, device="cpu")

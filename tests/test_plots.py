@@ -223,6 +223,6 @@ def test_elbo_plot_on_an_image_run(tmp_path: Path) -> None:
     ({"corpus": "files", "tokenizer": "/data/tokenizer.json"}, "bits per token"),
 ])
 def test_axis_unit_follows_the_runs_tokens(data: dict, unit: str) -> None:
-    from maskdiff.apps.plots import _unit
+    from maskdiff.apps.plot_common import _unit
 
     assert _unit({"data": data}) == unit
