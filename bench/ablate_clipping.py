@@ -23,6 +23,7 @@ reference's recipe) or ``demo`` (the demo preset's clipping 1.0 and EMA 0.995).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -257,11 +258,11 @@ def gradients(args: argparse.Namespace) -> None:
     starts = torch.randint(0, len(data.train) - length, (args.grad_steps, batch), generator=rng)
     train = torch.from_numpy(data.train.astype("int64"))
     norms: dict[str, list[tuple[float, float]]] = {}
+    net_cfg = build_mod.network_config_for(cfg, data.vocab_size)
     for head in ("zero", "fan_in"):
         torch.manual_seed(0)
-        model = build_mod.model_from_network(cfg, build_mod.build_network(type(
-            build_mod.network_config_for(cfg, data.vocab_size)).from_dict(
-            {**build_mod.network_config_for(cfg, data.vocab_size).to_dict(), "head_init": head})))
+        network = build_mod.build_network(dataclasses.replace(net_cfg, head_init=head))
+        model = build_mod.model_from_network(cfg, network)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                 weight_decay=0.0)
         gen = torch.Generator().manual_seed(1)
